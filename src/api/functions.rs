@@ -1,0 +1,117 @@
+//! The control API for functions (Dispatch v0.1.24): `POST /v1/function` (201),
+//! `GET /v1/function[?tags=k=v]`, `GET|PUT|DELETE /v1/function/{name}`. Writes go to the
+//! store first, then to the registry the hot path reads.
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::{App, query_values, read_body};
+use crate::body::{RespBody, json_response};
+use crate::error::Error;
+use crate::model::{Function, Status, unix_now};
+
+fn parse(body: &[u8]) -> Result<Function, Error> {
+    if body.is_empty() {
+        return Err(Error::BadRequest("function: request body required".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("function: {e}")))
+}
+
+pub async fn create(app: &App, req: Request<Incoming>) -> Result<Response<RespBody>, Error> {
+    let mut function = parse(&read_body(req, app.config.limits.body_bytes).await?)?;
+    let now = unix_now();
+    function.id = uuid::Uuid::new_v4().to_string();
+    function.kind = "Function".into();
+    function.created_time = now;
+    function.modified_time = now;
+    function.status = Status::Ready;
+    function.reason.clear();
+    let entry = app.registry.prepare(function)?;
+    app.store.create_function(&entry.spec).await?;
+    let shown = entry.spec.clone().public();
+    app.registry.insert(entry);
+    tracing::info!(function = %shown.name, "function created");
+    Ok(json_response(StatusCode::CREATED, &shown))
+}
+
+pub fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, Error> {
+    let wanted = query_values(query, "tags")
+        .into_iter()
+        .map(|tag| match tag.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), Some(v.to_string()))),
+            None if !tag.is_empty() => Ok((tag, None)),
+            _ => Err(Error::BadRequest(format!(
+                "tags: \"{tag}\" must be key=value or key"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let functions: Vec<Function> = app
+        .registry
+        .list()
+        .into_iter()
+        .filter(|f| {
+            wanted.iter().all(|(key, value)| {
+                f.tags
+                    .iter()
+                    .any(|t| &t.key == key && value.as_ref().is_none_or(|v| &t.value == v))
+            })
+        })
+        .map(Function::public)
+        .collect();
+    Ok(json_response(StatusCode::OK, &functions))
+}
+
+pub fn get(app: &App, name: &str) -> Result<Response<RespBody>, Error> {
+    let entry = app
+        .registry
+        .get(name)
+        .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
+    Ok(json_response(StatusCode::OK, &entry.spec.clone().public()))
+}
+
+pub async fn update(
+    app: &App,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Error> {
+    let mut function = parse(&read_body(req, app.config.limits.body_bytes).await?)?;
+    let current = app
+        .registry
+        .get(name)
+        .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
+    if function.name.is_empty() {
+        function.name = name.to_string();
+    } else if function.name != name {
+        return Err(Error::BadRequest(format!(
+            "name: \"{}\" does not match the path's \"{name}\" (functions cannot be renamed)",
+            function.name
+        )));
+    }
+    function.id = current.spec.id.clone();
+    function.kind = "Function".into();
+    function.created_time = current.spec.created_time;
+    function.modified_time = unix_now();
+    function.status = Status::Ready;
+    function.reason.clear();
+    let entry = app.registry.prepare(function)?;
+    app.store.update_function(&entry.spec).await?;
+    let shown = entry.spec.clone().public();
+    app.registry.insert(entry);
+    tracing::info!(function = %name, "function updated");
+    Ok(json_response(StatusCode::OK, &shown))
+}
+
+pub async fn delete(app: &App, name: &str) -> Result<Response<RespBody>, Error> {
+    if app.registry.get(name).is_none() {
+        return Err(Error::NotFound(format!("function \"{name}\" not found")));
+    }
+    app.store.delete_function(name).await?;
+    let removed = app
+        .registry
+        .remove(name)
+        .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
+    let mut shown = removed.spec.clone().public();
+    shown.status = Status::Deleted;
+    tracing::info!(function = %name, "function deleted");
+    Ok(json_response(StatusCode::OK, &shown))
+}

@@ -1,0 +1,122 @@
+//! The HTTP surface of the control/exec listener: one router that sends each request to its
+//! handler. `/function/*` goes straight to the invoker; `/v1/*` is the Dispatch API;
+//! `/healthz`, `/readyz` and `/metrics` are for operators.
+
+mod functions;
+mod health;
+mod runs;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::body::RespBody;
+use crate::config::Config;
+use crate::error::Error;
+use crate::invoke::Invoker;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// Everything a request handler may need, shared by all connections.
+pub struct App {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    pub invoker: Invoker,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    /// True while the listener accepts connections (for `/readyz`).
+    pub accepting: AtomicBool,
+}
+
+/// Routes one request.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+    let uri = req.uri().clone();
+    let path = uri.path();
+    if let Some(rest) = path.strip_prefix("/function/") {
+        let (name, suffix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let forwarded = match (suffix, uri.query()) {
+            ("", None) => std::borrow::Cow::Borrowed("/"),
+            (suffix, None) => std::borrow::Cow::Borrowed(suffix),
+            ("", Some(q)) => format!("/?{q}").into(),
+            (suffix, Some(q)) => format!("{suffix}?{q}").into(),
+        };
+        return app.invoker.proxy(name, &forwarded, req, peer.ip()).await;
+    }
+    let method = req.method().clone();
+    let result = match path {
+        "/healthz" => Ok(health::healthz()),
+        "/readyz" => Ok(health::readyz(&app).await),
+        "/metrics" => Ok(health::metrics(&app)),
+        "/v1/function" | "/v1/function/" => match method {
+            Method::POST => functions::create(&app, req).await,
+            Method::GET => functions::list(&app, uri.query()),
+            _ => Err(not_allowed(&method, path, "GET, POST")),
+        },
+        "/v1/runs" | "/v1/runs/" => match method {
+            Method::POST => runs::create(&app, req, uri.query()).await,
+            Method::GET => Err(Error::NotImplemented(
+                "listing runs needs run records, which this gateway does not keep yet".into(),
+            )),
+            _ => Err(not_allowed(&method, path, "GET, POST")),
+        },
+        _ => {
+            if let Some(name) = path.strip_prefix("/v1/function/") {
+                match method {
+                    Method::GET => functions::get(&app, name),
+                    Method::PUT => functions::update(&app, name, req).await,
+                    Method::DELETE => functions::delete(&app, name).await,
+                    _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
+                }
+            } else if path.starts_with("/async-function/") {
+                Err(Error::NotImplemented(
+                    "asynchronous calls are not available yet in this gateway; call /function/{name}".into(),
+                ))
+            } else {
+                Err(Error::NotFound(format!("no such path: {path}")))
+            }
+        }
+    };
+    result.unwrap_or_else(Error::into_response)
+}
+
+fn not_allowed(method: &Method, path: &str, allowed: &str) -> Error {
+    Error::MethodNotAllowed(format!(
+        "{method} is not allowed on {path} (allowed: {allowed})"
+    ))
+}
+
+/// A whole request body of at most `limit` bytes (413 past it).
+async fn read_body(req: Request<Incoming>, limit: u64) -> Result<Bytes, Error> {
+    let too_large =
+        || Error::PayloadTooLarge(format!("request body exceeds the limit of {limit} bytes"));
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), limit as usize)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(Error::BadRequest(format!("reading the request body: {e}"))),
+    }
+}
+
+/// The values of query parameter `key`, decoded.
+fn query_values(query: Option<&str>, key: &str) -> Vec<String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}

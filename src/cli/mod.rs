@@ -1,0 +1,94 @@
+//! The `dispatch` command line: `dispatch serve` runs the gateway. The client verbs
+//! (`create`, `get`, `exec`, ...) join here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+use crate::server::{Server, shutdown_signal};
+
+#[derive(Parser)]
+#[command(
+    name = "dispatch",
+    version,
+    about = "Function invocation gateway, Dispatch and OpenFaaS compatible"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML), overlaid on the embedded defaults.
+    #[arg(long, env = "DISPATCH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the control and exec API [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory of the store [default: ~/.dispatch/data].
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+pub fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let flags = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        log_format: args.log_format,
+    };
+    let config = match Config::load(args.config.as_deref(), &flags, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("dispatch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(config.server.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.workers > 0 {
+        runtime.worker_threads(config.server.workers);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("dispatch: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let data_dir = config.server.data_dir.clone();
+        let server = match Server::start(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("dispatch: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // One line on stdout, for people and for scripts that start on port 0.
+        println!(
+            "dispatch: listening on http://{} (data in {})",
+            server.local_addr(),
+            data_dir.display()
+        );
+        server.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,340 @@
+//! Server configuration: the embedded defaults of `config/dispatch.toml`, overlaid by the
+//! file given with `--config`, then by `DISPATCH_*` environment variables, then by flags.
+//! Every layer is merged as TOML before one typed, validated [`Config`] comes out, so a bad
+//! value anywhere is reported with the key it belongs to.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+/// The defaults, compiled into the binary.
+pub const DEFAULTS: &str = include_str!("../config/dispatch.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub upstream: UpstreamConfig,
+    pub openfaas: OpenfaasConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub workers: usize,
+    pub drain_seconds: u64,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub body_bytes: u64,
+    pub raw_body_bytes: u64,
+    pub default_timeout_ms: u64,
+    pub max_queue: u32,
+    pub queue_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub connect_timeout_ms: u64,
+    pub pool_max_idle: usize,
+    pub pool_idle_timeout_seconds: u64,
+    pub eject_seconds: u64,
+    pub connect_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenfaasConfig {
+    pub gateway: String,
+    pub service: String,
+}
+
+impl UpstreamConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.pool_idle_timeout_seconds)
+    }
+    pub fn eject_for(&self) -> Duration {
+        Duration::from_secs(self.eject_seconds)
+    }
+}
+
+/// Values given on the command line; they win over every other layer.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<String>,
+    pub log_format: Option<String>,
+}
+
+/// Why the configuration could not be loaded: always names the file or the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// The embedded defaults alone (what `dispatch serve` runs with when given nothing).
+    pub fn defaults() -> Self {
+        Self::load(None, &Overrides::default(), std::iter::empty())
+            .expect("the embedded defaults are valid")
+    }
+
+    /// Loads every layer. `env` is the process environment (passed in so tests can give
+    /// their own).
+    pub fn load(
+        file: Option<&Path>,
+        flags: &Overrides,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut merged: Table = DEFAULTS
+            .parse()
+            .map_err(|e| ConfigError(format!("embedded defaults: {e}")))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+            let table: Table = text
+                .parse()
+                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            merge(&mut merged, table, "", path)?;
+        }
+        apply_env(&mut merged, env)?;
+        apply_flags(&mut merged, flags);
+        let mut config: Config = serde_path_to_error::deserialize(Value::Table(merged))
+            .map_err(|e| ConfigError(format!("{}: {}", e.path(), e.inner().message())))?;
+        config.server.data_dir = expand_home(&config.server.data_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.limits.body_bytes == 0 {
+            return bad("limits.body_bytes", "must be greater than 0");
+        }
+        if self.limits.default_timeout_ms == 0 {
+            return bad("limits.default_timeout_ms", "must be greater than 0");
+        }
+        if self.upstream.connect_timeout_ms == 0 {
+            return bad("upstream.connect_timeout_ms", "must be greater than 0");
+        }
+        if self.upstream.connect_attempts == 0 {
+            return bad("upstream.connect_attempts", "must be at least 1");
+        }
+        let (gateway, service) = (&self.openfaas.gateway, &self.openfaas.service);
+        if gateway.is_empty() == service.is_empty() {
+            return bad(
+                "openfaas",
+                "set exactly one of openfaas.gateway and openfaas.service",
+            );
+        }
+        if !service.is_empty() {
+            if !service.contains("{name}") {
+                return bad("openfaas.service", "must contain {name}");
+            }
+            if let Err(why) =
+                crate::drivers::parse_endpoint_url(&service.replace("{name}", "function"))
+            {
+                return bad("openfaas.service", &format!("\"{service}\" {why}"));
+            }
+        } else if let Err(why) = crate::drivers::parse_endpoint_url(gateway) {
+            return bad("openfaas.gateway", &format!("\"{gateway}\" {why}"));
+        }
+        Ok(())
+    }
+}
+
+/// Overlays `from` onto `into`, refusing keys the defaults do not have.
+fn merge(into: &mut Table, from: Table, prefix: &str, file: &Path) -> Result<(), ConfigError> {
+    for (key, value) in from {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (into.get_mut(&key), value) {
+            (Some(Value::Table(dst)), Value::Table(src)) => merge(dst, src, &path, file)?,
+            (Some(Value::Table(_)), _) => {
+                return Err(ConfigError(format!(
+                    "{}: {path}: must be a section",
+                    file.display()
+                )));
+            }
+            (Some(slot), value) => *slot = value,
+            (None, _) => {
+                return Err(ConfigError(format!(
+                    "{}: unknown key {path}",
+                    file.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `DISPATCH_<SECTION>_<KEY>` for every key of the defaults, plus the short forms
+/// `DISPATCH_LISTEN` and `DISPATCH_DATA_DIR`. A value is read as the type of the default.
+fn apply_env(
+    merged: &mut Table,
+    env: impl Iterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("DISPATCH_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let target = match rest.as_str() {
+            "listen" => Some(("server".to_string(), "listen".to_string())),
+            "data_dir" => Some(("server".to_string(), "data_dir".to_string())),
+            _ => merged.iter().find_map(|(section, _)| {
+                rest.strip_prefix(&format!("{section}_"))
+                    .map(|key| (section.clone(), key.to_string()))
+            }),
+        };
+        let Some((section, key)) = target else {
+            continue;
+        };
+        let Some(Value::Table(table)) = merged.get_mut(&section) else {
+            continue;
+        };
+        let Some(slot) = table.get_mut(&key) else {
+            continue;
+        };
+        *slot = match slot {
+            Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| {
+                ConfigError(format!(
+                    "{name}: {section}.{key} must be a whole number, got \"{raw}\""
+                ))
+            })?),
+            Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| {
+                ConfigError(format!(
+                    "{name}: {section}.{key} must be true or false, got \"{raw}\""
+                ))
+            })?),
+            _ => Value::String(raw),
+        };
+    }
+    Ok(())
+}
+
+fn apply_flags(merged: &mut Table, flags: &Overrides) {
+    let server = merged
+        .get_mut("server")
+        .and_then(Value::as_table_mut)
+        .expect("defaults have [server]");
+    for (key, value) in [
+        ("listen", &flags.listen),
+        ("data_dir", &flags.data_dir),
+        ("log_format", &flags.log_format),
+    ] {
+        if let Some(v) = value {
+            server.insert(key.to_string(), Value::String(v.clone()));
+        }
+    }
+}
+
+fn expand_home(path: &Path) -> PathBuf {
+    match path.strip_prefix("~") {
+        Ok(rest) => std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(rest))
+            .unwrap_or_else(|| path.to_path_buf()),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::defaults();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.limits.body_bytes, 6 * 1024 * 1024);
+    }
+
+    #[test]
+    fn flags_beat_env_which_beats_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1111\"\ndrain_seconds = 5\n[upstream]\neject_seconds = 7\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3333".into()),
+            ..Default::default()
+        };
+        let c = Config::load(
+            Some(&file),
+            &flags,
+            env(&[
+                ("DISPATCH_LISTEN", "127.0.0.1:2222"),
+                ("DISPATCH_UPSTREAM_EJECT_SECONDS", "9"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:3333");
+        assert_eq!(c.upstream.eject_seconds, 9);
+        assert_eq!(c.server.drain_seconds, 5);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.toml");
+        std::fs::write(&file, "[server]\nlisen = \"x\"\n").unwrap();
+        let e = Config::load(Some(&file), &Overrides::default(), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("unknown key server.lisen"), "{e}");
+
+        let e = Config::load(
+            None,
+            &Overrides::default(),
+            env(&[("DISPATCH_LIMITS_BODY_BYTES", "lots")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("limits.body_bytes"), "{e}");
+
+        let flags = Overrides {
+            listen: Some("nowhere".into()),
+            ..Default::default()
+        };
+        let e = Config::load(None, &flags, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+
+        let e = Config::load(
+            None,
+            &Overrides::default(),
+            env(&[("DISPATCH_OPENFAAS_SERVICE", "http://x:8080")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("openfaas"), "{e}");
+    }
+}

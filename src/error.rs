@@ -1,0 +1,141 @@
+//! One error type for everything a call or a control request can fail with, and the one
+//! place that turns it into an HTTP status, the Dispatch error body `{"code","message"}`
+//! and the `X-Dispatch-Error` header that lets a caller tell a platform error from a
+//! function's own 5xx.
+
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode};
+
+use crate::body::RespBody;
+
+/// What went wrong. Each variant maps to exactly one status (see [`Error::status`]); the
+/// message names the thing that failed, so it can be shown to a user as is.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The function's concurrency limit and its wait queue are both full, or the wait
+    /// ran out. `retry_after` becomes the `Retry-After` header.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after: Duration,
+    },
+    #[error("{0}")]
+    NotImplemented(String),
+    /// The upstream refused, reset or closed the connection, or answered garbage.
+    #[error("function \"{function}\": upstream {endpoint} failed: {cause}")]
+    Upstream {
+        function: String,
+        endpoint: String,
+        cause: String,
+    },
+    /// The function's deadline passed before its upstream answered.
+    #[error("function \"{function}\": deadline exceeded after {after_ms} ms (upstream {endpoint})")]
+    Timeout {
+        function: String,
+        endpoint: String,
+        after_ms: u64,
+    },
+    #[error("store: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short, stable name for the `X-Dispatch-Error` header and for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::BadRequest(_) => "bad-request",
+            Error::NotFound(_) => "not-found",
+            Error::MethodNotAllowed(_) => "method-not-allowed",
+            Error::Conflict(_) => "conflict",
+            Error::PayloadTooLarge(_) => "payload-too-large",
+            Error::Unprocessable(_) => "unprocessable",
+            Error::TooManyRequests { .. } => "concurrency-limit",
+            Error::NotImplemented(_) => "not-implemented",
+            Error::Upstream { .. } => "upstream-unavailable",
+            Error::Timeout { .. } => "upstream-timeout",
+            Error::Store(_) => "store-unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// The HTTP response a caller sees: status, `X-Dispatch-Error`, `Retry-After` where it
+    /// applies, and the Dispatch error body.
+    pub fn into_response(self) -> http::Response<RespBody> {
+        let status = self.status();
+        let body = serde_json::json!({ "code": status.as_u16(), "message": self.to_string() });
+        let mut resp = crate::body::json_response(status, &body);
+        let headers = resp.headers_mut();
+        headers.insert("x-dispatch-error", HeaderValue::from_static(self.kind()));
+        if let Error::TooManyRequests { retry_after, .. } = &self {
+            let secs = retry_after.as_secs().max(1);
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_many_requests_carries_retry_after_and_kind() {
+        let resp = Error::TooManyRequests {
+            message: "function \"f\" is at its limit".into(),
+            retry_after: Duration::from_millis(200),
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert_eq!(resp.headers()["x-dispatch-error"], "concurrency-limit");
+    }
+
+    #[test]
+    fn upstream_error_names_function_and_endpoint() {
+        let e = Error::Upstream {
+            function: "hello".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            cause: "connection refused".into(),
+        };
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("\"hello\"") && msg.contains("127.0.0.1:9"),
+            "{msg}"
+        );
+    }
+}

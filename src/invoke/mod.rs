@@ -1,0 +1,615 @@
+//! The invoker: the one path every call takes, whatever surface it came in on (the
+//! OpenFaaS `/function/*` proxy and Dispatch `POST /v1/runs` today; async workers, API
+//! endpoints and events later). It reads top to bottom in fixed phases:
+//!
+//! 1. **resolve**: the function by name from the registry (404 unknown, 404 not READY);
+//! 2. **admit**: a slot under the function's `maxInflight`, waiting in a bounded queue (429);
+//! 3. **forward**: pick an endpoint (least in flight of two), take a pooled connection,
+//!    send under the deadline; only failures to connect are tried again elsewhere (502, 504);
+//! 4. **respond**: stream the upstream's answer back as is ([`Invoker::proxy`]), or read it
+//!    into a Dispatch [`Run`] ([`Invoker::run`]);
+//! 5. **record**: when the call ends (the response body read to the end, or dropped), its
+//!    [`CallGuard`] counts it in the metrics and frees its slot. Run records join here.
+
+pub mod balance;
+pub mod envelope;
+pub mod headers;
+pub mod limit;
+pub mod pool;
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::{BodyTooLarge, BoxError, ReqBody, RespBody};
+use crate::config::LimitsConfig;
+use crate::error::Error;
+use crate::metrics::Rejection;
+use crate::model::{Run, RunError, RunRequest, Status, unix_now};
+use crate::registry::{FunctionEntry, Registry};
+use balance::Endpoint;
+use pool::{PooledConn, SendError};
+
+pub struct Invoker {
+    registry: Arc<Registry>,
+    limits: LimitsConfig,
+    connect_attempts: u32,
+}
+
+/// One call in flight. Created when the call is admitted; dropped when it ends, which is
+/// when it is recorded (phase 5).
+pub struct CallGuard {
+    function: Arc<FunctionEntry>,
+    /// The function's concurrency slot, freed on drop.
+    _permit: Option<OwnedSemaphorePermit>,
+    started: Instant,
+    /// The status the caller got: the upstream's, or the gateway's own error status.
+    code: u16,
+    /// The endpoint whose in-flight count this call holds.
+    endpoint: Option<Arc<pool::HostPool>>,
+}
+
+impl CallGuard {
+    fn on_endpoint(&mut self, endpoint: &Arc<pool::HostPool>) {
+        self.leave_endpoint();
+        endpoint.start_call();
+        self.endpoint = Some(endpoint.clone());
+    }
+
+    fn leave_endpoint(&mut self) {
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.end_call();
+        }
+    }
+
+    /// Phase 5: what is left to do once the call is over.
+    fn record(&mut self) {
+        self.leave_endpoint();
+        let metrics = &self.function.metrics;
+        metrics.inflight.dec();
+        metrics.observe(self.code, self.started.elapsed());
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.record();
+    }
+}
+
+impl Invoker {
+    pub fn new(registry: Arc<Registry>, limits: LimitsConfig, connect_attempts: u32) -> Self {
+        Invoker {
+            registry,
+            limits,
+            connect_attempts,
+        }
+    }
+
+    /// The OpenFaaS surface: `req` goes to function `name` with `rest` (the path after
+    /// `/function/{name}`, with the query) as its path, and the upstream's answer streams
+    /// back. Errors become responses here, with the call id.
+    pub async fn proxy(
+        &self,
+        name: &str,
+        rest: &str,
+        req: Request<Incoming>,
+        peer: IpAddr,
+    ) -> Response<RespBody> {
+        let started = Instant::now();
+        let call_id = headers::call_id(req.headers());
+        let mut resp = match self
+            .proxy_inner(name, rest, req, peer, &call_id, started)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::warn!(function = name, error = %e, "call failed");
+                }
+                e.into_response()
+            }
+        };
+        resp.headers_mut()
+            .insert(headers::X_CALL_ID.clone(), call_id);
+        resp
+    }
+
+    async fn proxy_inner(
+        &self,
+        name: &str,
+        rest: &str,
+        req: Request<Incoming>,
+        peer: IpAddr,
+        call_id: &HeaderValue,
+        started: Instant,
+    ) -> Result<Response<RespBody>, Error> {
+        let function = self.resolve(name)?;
+        let limit = self.limits.raw_body_bytes;
+        if limit > 0 && content_length(req.headers()).is_some_and(|n| n > limit) {
+            return Err(self.too_large(&function, limit, started));
+        }
+        let deadline = started + function.timeout;
+        let mut call = self.admit(&function, started, deadline).await?;
+
+        let start_nanos = unix_nanos();
+        let (mut parts, body) = req.into_parts();
+        headers::to_upstream(&mut parts.headers, peer, call_id, start_nanos);
+        let upstream_req = Request::from_parts(parts, ReqBody::stream(body, limit));
+        let (resp, conn) = self
+            .forward(&mut call, upstream_req, rest, deadline)
+            .await?;
+        Ok(self.respond_raw(call, resp, conn, started, start_nanos, deadline))
+    }
+
+    /// The Dispatch surface: one blocking run of function `name`. A function that failed,
+    /// timed out or could not be reached still gives a run (status ERROR, `error` filled);
+    /// only a call that never started (unknown function, limits) is an `Err`.
+    pub async fn run(
+        &self,
+        name: &str,
+        request: RunRequest,
+        client_headers: &HeaderMap,
+    ) -> Result<Run, Error> {
+        let started = Instant::now();
+        let function = self.resolve(name)?;
+        let deadline = started + function.timeout;
+        let mut call = self.admit(&function, started, deadline).await?;
+
+        let mut run = Run {
+            name: uuid::Uuid::new_v4().to_string(),
+            function_name: function.spec.name.clone(),
+            function_id: function.spec.id.clone(),
+            blocking: true,
+            executed_time: unix_now(),
+            secrets: function.spec.secrets.clone(),
+            tags: request.tags,
+            ..Run::default()
+        };
+        run.secrets.extend(request.secrets);
+        let body = envelope::encode(
+            function.protocol,
+            &request.input,
+            &envelope::Context {
+                deadline_unix_ms: (unix_nanos() / 1_000_000) as u64
+                    + function.timeout.as_millis() as u64,
+                event: request.event.as_ref(),
+                http_context: request.http_context.as_ref(),
+            },
+        );
+        let mut upstream_req = Request::new(ReqBody::full(body));
+        *upstream_req.method_mut() = Method::POST;
+        let h = upstream_req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            headers::X_CALL_ID.clone(),
+            HeaderValue::from_str(&run.name).expect("uuid"),
+        );
+        h.insert(
+            headers::TRACEPARENT.clone(),
+            client_headers
+                .get(&headers::TRACEPARENT)
+                .cloned()
+                .unwrap_or_else(headers::new_traceparent),
+        );
+
+        let outcome = match self.forward(&mut call, upstream_req, "/", deadline).await {
+            Ok((resp, conn)) => self.respond_run(&mut call, resp, conn, deadline).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(outcome) => {
+                run.output = outcome.output;
+                run.logs = outcome.logs;
+                run.error = outcome.error;
+            }
+            Err(e) => {
+                tracing::warn!(function = name, run = %run.name, error = %e, "run failed");
+                call.code = e.status().as_u16();
+                run.error = Some(RunError::system(e.to_string()));
+            }
+        }
+        run.input = request.input;
+        run.finished_time = unix_now();
+        match &run.error {
+            None => run.status = Status::Ready,
+            Some(error) => {
+                run.status = Status::Error;
+                run.reason = vec![error.message.clone()];
+            }
+        }
+        Ok(run)
+    }
+
+    /// Phase 1: the function, if it exists and is READY.
+    fn resolve(&self, name: &str) -> Result<Arc<FunctionEntry>, Error> {
+        let function = self
+            .registry
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
+        if function.spec.status != Status::Ready {
+            return Err(Error::NotFound(format!(
+                "function \"{name}\" is not READY (status {})",
+                function.spec.status.as_str()
+            )));
+        }
+        Ok(function)
+    }
+
+    /// Phase 2: a slot under the function's concurrency limit.
+    async fn admit(
+        &self,
+        function: &Arc<FunctionEntry>,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<CallGuard, Error> {
+        let wait_until = deadline.min(started + Duration::from_millis(self.limits.queue_wait_ms));
+        let permit = match function.limiter.acquire(wait_until).await {
+            Ok(permit) => permit,
+            Err(why) => {
+                function.metrics.reject(why);
+                function.metrics.observe(429, started.elapsed());
+                let name = &function.spec.name;
+                let max = function.spec.max_inflight.unwrap_or(0);
+                let message = match why {
+                    Rejection::QueueFull => format!(
+                        "function \"{name}\" is at its limit of {max} calls in flight and its wait queue is full"
+                    ),
+                    _ => format!(
+                        "function \"{name}\" is at its limit of {max} calls in flight; no slot came free in {} ms",
+                        (wait_until - started).as_millis()
+                    ),
+                };
+                return Err(Error::TooManyRequests {
+                    message,
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        };
+        function.metrics.started.inc();
+        function.metrics.inflight.inc();
+        Ok(CallGuard {
+            function: function.clone(),
+            _permit: permit,
+            started,
+            code: 0,
+            endpoint: None,
+        })
+    }
+
+    /// Phase 3: sends `req` to one of the function's endpoints with `rest` as its path.
+    /// A failure to connect moves on to another endpoint (and sets the refusing one aside);
+    /// anything that may have reached the function is final.
+    async fn forward(
+        &self,
+        call: &mut CallGuard,
+        req: Request<ReqBody>,
+        rest: &str,
+        deadline: Instant,
+    ) -> Result<(Response<Incoming>, PooledConn), Error> {
+        let sent = self.try_endpoints(call, req, rest, deadline).await;
+        if let Err(e) = &sent {
+            call.code = e.status().as_u16();
+        }
+        sent
+    }
+
+    async fn try_endpoints(
+        &self,
+        call: &mut CallGuard,
+        mut req: Request<ReqBody>,
+        rest: &str,
+        deadline: Instant,
+    ) -> Result<(Response<Incoming>, PooledConn), Error> {
+        let function = call.function.clone();
+        let endpoints = &function.endpoints;
+        let mut tried = 0u64;
+        let mut last_failure = String::new();
+        let mut last_endpoint = "";
+        for attempt in 0..self.connect_attempts {
+            let i = balance::pick(endpoints, tried);
+            let endpoint = &endpoints[i];
+            tried |= 1 << (i % 64);
+            last_endpoint = &endpoint.pool.origin;
+            *req.uri_mut() = upstream_uri(endpoint, rest)?;
+            req.headers_mut()
+                .insert(http::header::HOST, endpoint.pool.host.clone());
+            call.on_endpoint(&endpoint.pool);
+            if attempt > 0 {
+                function.metrics.connect_retries.inc();
+            }
+            let sent = tokio::time::timeout_at(deadline, endpoint.pool.send(req)).await;
+            let failure = match sent {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(SendError::Failed(e))) => {
+                    return Err(self.send_failed(&function, endpoint, e));
+                }
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        function: function.spec.name.clone(),
+                        endpoint: endpoint.pool.origin.clone(),
+                        after_ms: function.timeout.as_millis() as u64,
+                    });
+                }
+                Ok(Err(SendError::NotSent {
+                    request,
+                    cause,
+                    connect_failed,
+                })) => {
+                    req = request;
+                    if connect_failed {
+                        endpoint.pool.eject();
+                        tracing::warn!(
+                            function = %function.spec.name,
+                            endpoint = %endpoint.pool.origin,
+                            cause = %cause,
+                            "endpoint refused a connection; set aside"
+                        );
+                        if balance::all_tried(endpoints, tried) {
+                            last_failure = cause;
+                            break;
+                        }
+                    }
+                    cause
+                }
+            };
+            last_failure = failure;
+        }
+        Err(Error::Upstream {
+            function: function.spec.name.clone(),
+            endpoint: last_endpoint.to_string(),
+            cause: last_failure,
+        })
+    }
+
+    fn send_failed(&self, function: &FunctionEntry, endpoint: &Endpoint, e: hyper::Error) -> Error {
+        if let Some(too_large) = find_cause::<BodyTooLarge>(&e) {
+            function.metrics.reject(Rejection::TooLarge);
+            return Error::PayloadTooLarge(format!(
+                "function \"{}\": {too_large}",
+                function.spec.name
+            ));
+        }
+        Error::Upstream {
+            function: function.spec.name.clone(),
+            endpoint: endpoint.pool.origin.clone(),
+            cause: error_chain(&e),
+        }
+    }
+
+    fn too_large(&self, function: &FunctionEntry, limit: u64, started: Instant) -> Error {
+        function.metrics.reject(Rejection::TooLarge);
+        function.metrics.observe(413, started.elapsed());
+        Error::PayloadTooLarge(format!(
+            "function \"{}\": request body exceeds the limit of {limit} bytes",
+            function.spec.name
+        ))
+    }
+
+    /// Phase 4, raw: the upstream's head with hop-by-hop headers removed and OpenFaaS'
+    /// headers added; its body streams through, and the connection goes back to the pool
+    /// when the body ends.
+    fn respond_raw(
+        &self,
+        mut call: CallGuard,
+        resp: Response<Incoming>,
+        conn: PooledConn,
+        started: Instant,
+        start_nanos: u128,
+        deadline: Instant,
+    ) -> Response<RespBody> {
+        let (mut parts, body) = resp.into_parts();
+        call.code = parts.status.as_u16();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let seconds = started.elapsed().as_secs_f64();
+        if let Ok(v) = HeaderValue::from_str(&format!("{seconds:.6}")) {
+            parts.headers.insert(headers::X_DURATION_SECONDS.clone(), v);
+        }
+        parts.headers.insert(
+            headers::X_START_TIME.clone(),
+            HeaderValue::from(start_nanos as u64),
+        );
+        let body = UpstreamBody {
+            inner: body,
+            conn: Some(conn),
+            call: Some(call),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        Response::from_parts(parts, RespBody::Upstream(body))
+    }
+
+    /// Phase 4, Dispatch: the upstream's whole answer (up to the body limit, within the
+    /// deadline), read as the pod contract says.
+    async fn respond_run(
+        &self,
+        call: &mut CallGuard,
+        resp: Response<Incoming>,
+        conn: PooledConn,
+        deadline: Instant,
+    ) -> Result<envelope::Outcome, Error> {
+        let status = resp.status();
+        call.code = status.as_u16();
+        let function = &call.function;
+        let endpoint = call
+            .endpoint
+            .as_ref()
+            .map(|e| e.origin.clone())
+            .unwrap_or_default();
+        let limit = self.limits.body_bytes;
+        let read = tokio::time::timeout_at(deadline, read_limited(resp.into_body(), limit)).await;
+        let body = match read {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    function: function.spec.name.clone(),
+                    endpoint,
+                    after_ms: function.timeout.as_millis() as u64,
+                });
+            }
+            Ok(Err(cause)) => {
+                return Err(Error::Upstream {
+                    function: function.spec.name.clone(),
+                    endpoint,
+                    cause,
+                });
+            }
+            Ok(Ok(body)) => body,
+        };
+        conn.release();
+        Ok(envelope::decode(function.protocol, status, &body))
+    }
+}
+
+/// The upstream request's URI: the endpoint's path prefix, then the caller's path.
+fn upstream_uri(endpoint: &Endpoint, rest: &str) -> Result<Uri, Error> {
+    let pq = if endpoint.path_prefix.is_empty() {
+        PathAndQuery::try_from(rest)
+    } else {
+        PathAndQuery::try_from(format!("{}{rest}", endpoint.path_prefix))
+    };
+    pq.map(Uri::from)
+        .map_err(|e| Error::BadRequest(format!("path \"{rest}\": {e}")))
+}
+
+/// Reads a body to its end, refusing more than `limit` bytes.
+async fn read_limited(mut body: Incoming, limit: u64) -> Result<Bytes, String> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("reading the answer: {}", error_chain(&e)))?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(format!("the answer exceeds the limit of {limit} bytes"));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// `e` and its sources, joined: hyper's own message alone ("connection error") hides the cause.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn find_cause<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// An upstream's response body on its way to the caller. It holds what the call still
+/// owns: the pooled connection (back to the pool at the end of the body, closed if the
+/// body is dropped early) and the [`CallGuard`] (recorded when this is dropped). The
+/// deadline covers the body too: an upstream that stalls mid-body is cut off.
+pub struct UpstreamBody {
+    inner: Incoming,
+    conn: Option<PooledConn>,
+    call: Option<CallGuard>,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl UpstreamBody {
+    fn finish(&mut self, complete: bool) {
+        if let Some(conn) = self.conn.take()
+            && complete
+        {
+            conn.release();
+        }
+        self.call.take();
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.call.is_some() && this.deadline.as_mut().poll(cx).is_ready() {
+            let function = this.call.as_ref().map(|c| c.function.spec.name.clone());
+            this.finish(false);
+            return Poll::Ready(Some(Err(format!(
+                "function \"{}\": deadline passed while streaming the answer",
+                function.unwrap_or_default()
+            )
+            .into())));
+        }
+        match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            None => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}

@@ -1,0 +1,335 @@
+//! Upstream connections, pooled per endpoint.
+//!
+//! Each endpoint (`http://host:port`) has its own [`HostPool`]: a short list of idle
+//! HTTP/1.1 connections behind that endpoint's own mutex (held for a push or a pop, never
+//! across an await), or one shared HTTP/2 connection for h2c upstreams. There is no global
+//! lock: hyper-util's legacy client keeps every host's pool behind one mutex and opens extra
+//! connections under bursts (hyper#4134); here a call takes an idle connection if there is
+//! one and opens a new one otherwise, and a connection goes back to its pool when the
+//! response body has been read to the end.
+//!
+//! The pool also carries what the balancer needs per endpoint: the calls in flight and
+//! whether the endpoint is ejected after refusing connections.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::body::ReqBody;
+use crate::config::UpstreamConfig;
+use crate::drivers::Target;
+use crate::metrics::{EndpointMetrics, Metrics};
+
+/// Milliseconds since the first call, never 0 (0 means "not ejected").
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Every endpoint's pool, shared by all functions that use the endpoint (every function
+/// behind one OpenFaaS gateway shares that gateway's connections).
+pub struct Pools {
+    by_origin: DashMap<(String, bool), Arc<HostPool>>,
+    settings: Arc<UpstreamConfig>,
+    metrics: Arc<Metrics>,
+}
+
+impl Pools {
+    pub fn new(settings: UpstreamConfig, metrics: Arc<Metrics>) -> Self {
+        Pools {
+            by_origin: DashMap::new(),
+            settings: Arc::new(settings),
+            metrics,
+        }
+    }
+
+    /// The pool of `target`, created on first use.
+    pub fn get(&self, target: &Target, http2: bool) -> Arc<HostPool> {
+        self.by_origin
+            .entry((target.origin.clone(), http2))
+            .or_insert_with(|| {
+                Arc::new(HostPool {
+                    origin: target.origin.clone(),
+                    host: HeaderValue::from_str(&target.authority)
+                        .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+                    connect_to: target.authority.clone(),
+                    http2,
+                    inflight: AtomicUsize::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    idle: Mutex::new(Vec::new()),
+                    shared_h2: Mutex::new(None),
+                    settings: self.settings.clone(),
+                    metrics: self.metrics.for_endpoint(&target.origin),
+                })
+            })
+            .clone()
+    }
+
+    /// Closes the pools no function uses any more.
+    pub fn sweep(&self) {
+        self.by_origin.retain(|_, pool| Arc::strong_count(pool) > 1);
+    }
+}
+
+/// One endpoint: its idle connections, its in-flight count and its ejection state.
+pub struct HostPool {
+    /// `http://host:port`, for metrics, logs and errors.
+    pub origin: String,
+    /// The `Host` header sent upstream.
+    pub host: HeaderValue,
+    connect_to: String,
+    http2: bool,
+    /// Calls on this endpoint whose response has not been read to the end: the
+    /// least-in-flight balancer compares these.
+    inflight: AtomicUsize,
+    /// Until when (see [`clock_ms`]) the endpoint is skipped after refusing a connection.
+    ejected_until: AtomicU64,
+    /// Idle HTTP/1.1 connections, most recently used last (taken first: a warm connection
+    /// is reused and the others age out).
+    idle: Mutex<Vec<Idle>>,
+    /// The one HTTP/2 connection of an h2c endpoint, cloned per call.
+    shared_h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    settings: Arc<UpstreamConfig>,
+    metrics: EndpointMetrics,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ReqBody>,
+    since: Instant,
+}
+
+/// Why a request could not be sent.
+pub enum SendError {
+    /// Nothing reached the upstream; the request comes back so it can be tried elsewhere.
+    NotSent {
+        request: Request<ReqBody>,
+        cause: String,
+        /// The endpoint refused or did not answer a new connection (grounds for ejection).
+        connect_failed: bool,
+    },
+    /// The request may have reached the function: it must not be sent again.
+    Failed(hyper::Error),
+}
+
+/// A connection lent to one call; [`PooledConn::release`] gives it back once the
+/// response has been read to the end. Dropped instead, it is closed.
+pub struct PooledConn {
+    sender: Sender,
+    pool: Arc<HostPool>,
+}
+
+enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    H2,
+}
+
+impl PooledConn {
+    pub fn release(self) {
+        if let Sender::H1(sender) = self.sender {
+            self.pool.put_idle(sender);
+        }
+    }
+}
+
+impl HostPool {
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn start_call(&self) {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn end_call(&self) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && clock_ms() < until
+    }
+
+    /// Sets the endpoint aside for the configured time, after it refused a connection.
+    pub fn eject(&self) {
+        let until = clock_ms() + self.settings.eject_for().as_millis() as u64;
+        self.ejected_until.store(until, Ordering::Relaxed);
+        self.metrics.ejections.inc();
+    }
+
+    /// Sends `request` on an idle connection, or on a new one when none is idle.
+    pub async fn send(
+        self: &Arc<Self>,
+        request: Request<ReqBody>,
+    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
+        if self.http2 {
+            return self.send_h2(request).await;
+        }
+        let mut request = request;
+        while let Some(mut sender) = self.take_idle() {
+            if sender.ready().await.is_err() {
+                continue; // closed while idle
+            }
+            match sender.try_send_request(request).await {
+                Ok(resp) => return Ok((resp, self.lend(Sender::H1(sender)))),
+                Err(mut e) => match e.take_message() {
+                    // The connection went away before the request was written: try the next.
+                    Some(back) => request = back,
+                    None => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+        let mut sender = match self.connect_h1().await {
+            Ok(sender) => sender,
+            Err(cause) => {
+                return Err(SendError::NotSent {
+                    request,
+                    cause,
+                    connect_failed: true,
+                });
+            }
+        };
+        match sender.try_send_request(request).await {
+            Ok(resp) => Ok((resp, self.lend(Sender::H1(sender)))),
+            Err(mut e) => match e.take_message() {
+                Some(back) => Err(SendError::NotSent {
+                    request: back,
+                    cause: e.error().to_string(),
+                    connect_failed: false,
+                }),
+                None => Err(SendError::Failed(e.into_error())),
+            },
+        }
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        request: Request<ReqBody>,
+    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
+        let shared = self
+            .shared_h2
+            .lock()
+            .expect("pool lock")
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match shared {
+            Some(sender) => sender,
+            None => match self.connect_h2().await {
+                Ok(sender) => {
+                    *self.shared_h2.lock().expect("pool lock") = Some(sender.clone());
+                    sender
+                }
+                Err(cause) => {
+                    return Err(SendError::NotSent {
+                        request,
+                        cause,
+                        connect_failed: true,
+                    });
+                }
+            },
+        };
+        if let Err(e) = sender.ready().await {
+            return Err(SendError::NotSent {
+                request,
+                cause: e.to_string(),
+                connect_failed: false,
+            });
+        }
+        match sender.try_send_request(request).await {
+            Ok(resp) => Ok((resp, self.lend(Sender::H2))),
+            Err(mut e) => match e.take_message() {
+                Some(back) => Err(SendError::NotSent {
+                    request: back,
+                    cause: e.error().to_string(),
+                    connect_failed: false,
+                }),
+                None => Err(SendError::Failed(e.into_error())),
+            },
+        }
+    }
+
+    fn lend(self: &Arc<Self>, sender: Sender) -> PooledConn {
+        PooledConn {
+            sender,
+            pool: self.clone(),
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<ReqBody>> {
+        let max_age = self.settings.idle_timeout();
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some(entry) = idle.pop() {
+            self.metrics.idle.dec();
+            if !entry.sender.is_closed() && entry.since.elapsed() < max_age {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, sender: http1::SendRequest<ReqBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let max_age = self.settings.idle_timeout();
+        let mut idle = self.idle.lock().expect("pool lock");
+        // The oldest sit at the front; drop one that aged out so they do not pile up.
+        if idle.first().is_some_and(|e| e.since.elapsed() >= max_age) {
+            idle.remove(0);
+            self.metrics.idle.dec();
+        }
+        if idle.len() < self.settings.pool_max_idle {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+            self.metrics.idle.inc();
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, String> {
+        let timeout = self.settings.connect_timeout();
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(&self.connect_to)).await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(format!("connect: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "connect: no answer within {} ms",
+                    timeout.as_millis()
+                ));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        self.metrics.opened.inc();
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, String> {
+        let io = self.connect_tcp().await?;
+        let (sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<ReqBody>, String> {
+        let io = self.connect_tcp().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(io)
+            .await
+            .map_err(|e| format!("h2c handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+}

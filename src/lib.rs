@@ -1,0 +1,18 @@
+//! Dispatch gateway: the function invocation data plane of a serverless platform, speaking
+//! VMware Dispatch's v0.1.24 API and OpenFaaS' gateway API. See DESIGN.md and
+//! docs/architecture.md for the map; the names below follow it.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod drivers;
+pub mod error;
+pub mod invoke;
+pub mod metrics;
+pub mod model;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,270 @@
+//! Prometheus metrics. The `gateway_*` series keep OpenFaaS' names and labels so its
+//! Grafana dashboards work unchanged; our own series carry the `dispatch_` prefix.
+//!
+//! Label lookups in the `prometheus` crate hash the label values and take a lock, so the
+//! hot path never does them: each function resolves its handles once ([`FunctionMetrics`]),
+//! each upstream endpoint likewise ([`EndpointMetrics`]), and the per-status-code pair is
+//! resolved on the first call that sees that code and then kept.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    invocation_total: IntCounterVec,
+    functions_seconds: HistogramVec,
+    invocation_started: IntCounterVec,
+    service_count: IntGaugeVec,
+    inflight: IntGaugeVec,
+    rejections: IntCounterVec,
+    connect_retries: IntCounterVec,
+    connections_opened: IntCounterVec,
+    pool_idle: IntGaugeVec,
+    ejections: IntCounterVec,
+}
+
+/// Why the gateway turned a call away before it reached a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// `maxInflight` reached and the wait queue full.
+    QueueFull,
+    /// Waited for a slot until the wait limit or the deadline.
+    QueueTimeout,
+    /// Body over the configured limit.
+    TooLarge,
+}
+
+impl Rejection {
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::QueueFull => "queue_full",
+            Rejection::QueueTimeout => "queue_timeout",
+            Rejection::TooLarge => "body_too_large",
+        }
+    }
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        Metrics {
+            invocation_total: counter(
+                "gateway_function_invocation_total",
+                "Function invocations, by function and HTTP status code",
+                &["function_name", "code"],
+            ),
+            functions_seconds: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "gateway_functions_seconds",
+                        "Function invocation time taken, by function and HTTP status code",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0, 60.0,
+                    ]),
+                    &["function_name", "code"],
+                )
+                .expect("valid metric"),
+            ),
+            invocation_started: counter(
+                "gateway_function_invocation_started",
+                "Function invocations started",
+                &["function_name"],
+            ),
+            service_count: gauge(
+                "gateway_service_count",
+                "Endpoints (replicas) known for each function",
+                &["function_name"],
+            ),
+            inflight: gauge(
+                "dispatch_function_inflight",
+                "Calls in flight, by function",
+                &["function_name"],
+            ),
+            rejections: counter(
+                "dispatch_rejections_total",
+                "Calls refused before reaching a function, by function and reason",
+                &["function_name", "reason"],
+            ),
+            connect_retries: counter(
+                "dispatch_upstream_connect_retries_total",
+                "Calls sent to another connection or endpoint after a failure to connect",
+                &["function_name"],
+            ),
+            connections_opened: counter(
+                "dispatch_upstream_connections_opened_total",
+                "Upstream connections opened, by endpoint",
+                &["endpoint"],
+            ),
+            pool_idle: gauge(
+                "dispatch_upstream_pool_idle_connections",
+                "Idle keep-alive connections in the pool, by endpoint",
+                &["endpoint"],
+            ),
+            ejections: counter(
+                "dispatch_upstream_ejections_total",
+                "Times an endpoint was set aside after refusing connections",
+                &["endpoint"],
+            ),
+            registry,
+        }
+    }
+
+    /// Handles for one function, resolved now so the hot path never looks them up.
+    pub fn for_function(&self, name: &str) -> FunctionMetrics {
+        FunctionMetrics {
+            name: name.to_string(),
+            started: self.invocation_started.with_label_values(&[name]),
+            inflight: self.inflight.with_label_values(&[name]),
+            service_count: self.service_count.with_label_values(&[name]),
+            connect_retries: self.connect_retries.with_label_values(&[name]),
+            invocation_total: self.invocation_total.clone(),
+            functions_seconds: self.functions_seconds.clone(),
+            rejections: self.rejections.clone(),
+            by_code: (0..CODES).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Handles for one upstream endpoint.
+    pub fn for_endpoint(&self, endpoint: &str) -> EndpointMetrics {
+        EndpointMetrics {
+            opened: self.connections_opened.with_label_values(&[endpoint]),
+            idle: self.pool_idle.with_label_values(&[endpoint]),
+            ejections: self.ejections.with_label_values(&[endpoint]),
+        }
+    }
+
+    /// Drops every series of a deleted function so /metrics stops showing it.
+    pub fn forget_function(&self, name: &str) {
+        let _ = self.invocation_started.remove_label_values(&[name]);
+        let _ = self.inflight.remove_label_values(&[name]);
+        let _ = self.service_count.remove_label_values(&[name]);
+        let _ = self.connect_retries.remove_label_values(&[name]);
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// HTTP status codes 100..=599 get a slot each.
+const CODES: usize = 500;
+
+/// One function's metric handles.
+pub struct FunctionMetrics {
+    name: String,
+    pub started: IntCounter,
+    pub inflight: IntGauge,
+    pub service_count: IntGauge,
+    pub connect_retries: IntCounter,
+    invocation_total: IntCounterVec,
+    functions_seconds: HistogramVec,
+    rejections: IntCounterVec,
+    /// The (counter, histogram) pair of each status code seen so far, indexed by code-100.
+    by_code: Box<[OnceLock<(IntCounter, Histogram)>]>,
+}
+
+impl FunctionMetrics {
+    /// Counts one finished call with its status code and duration.
+    pub fn observe(&self, code: u16, elapsed: Duration) {
+        let slot = (code as usize).clamp(100, 599) - 100;
+        let (count, seconds) = self.by_code[slot].get_or_init(|| {
+            let code = code.to_string();
+            let labels = [self.name.as_str(), code.as_str()];
+            (
+                self.invocation_total.with_label_values(&labels),
+                self.functions_seconds.with_label_values(&labels),
+            )
+        });
+        count.inc();
+        seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn reject(&self, why: Rejection) {
+        self.rejections
+            .with_label_values(&[self.name.as_str(), why.label()])
+            .inc();
+    }
+}
+
+/// One upstream endpoint's metric handles.
+#[derive(Clone)]
+pub struct EndpointMetrics {
+    pub opened: IntCounter,
+    pub idle: IntGauge,
+    pub ejections: IntCounter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observed_calls_appear_with_openfaas_names() {
+        let m = Metrics::new();
+        let f = m.for_function("hello");
+        f.started.inc();
+        f.observe(200, Duration::from_millis(3));
+        f.observe(200, Duration::from_millis(4));
+        f.observe(502, Duration::from_millis(1));
+        f.reject(Rejection::QueueFull);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(
+                r#"gateway_function_invocation_total{code="200",function_name="hello"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"gateway_function_invocation_total{code="502",function_name="hello"} 1"#
+            )
+        );
+        assert!(
+            text.contains(r#"gateway_functions_seconds_count{code="200",function_name="hello"} 2"#)
+        );
+        assert!(text.contains(r#"gateway_function_invocation_started{function_name="hello"} 1"#));
+        assert!(
+            text.contains(
+                r#"dispatch_rejections_total{function_name="hello",reason="queue_full"} 1"#
+            )
+        );
+    }
+}

@@ -1,0 +1,354 @@
+//! The wire models of the Dispatch v0.1.24 API (Function, Run, Tag...) plus the fields this
+//! gateway adds (`upstream`, `maxInflight`, `maxQueue`). Field names and casing are the
+//! contract with Dispatch's clients; see DESIGN.md section 1.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::Error;
+
+/// Function status, as Dispatch's `Status` enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    #[default]
+    Initialized,
+    Creating,
+    Ready,
+    Updating,
+    Error,
+    Deleting,
+    Deleted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Initialized => "INITIALIZED",
+            Status::Creating => "CREATING",
+            Status::Ready => "READY",
+            Status::Updating => "UPDATING",
+            Status::Error => "ERROR",
+            Status::Deleting => "DELETING",
+            Status::Deleted => "DELETED",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tag {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Schema {
+    #[serde(rename = "in", default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    #[serde(rename = "out", default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+}
+
+/// Which driver runs a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// A fixed list of URLs given at registration.
+    Static,
+    /// An OpenFaaS function, reached through the OpenFaaS gateway or its own service,
+    /// as the server's `[openfaas]` section says.
+    Openfaas,
+}
+
+/// What an upstream speaks: the Dispatch envelope of DESIGN.md section 3, or a plain
+/// OpenFaaS function that takes the body as is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Dispatch,
+    Raw,
+}
+
+/// Where a function runs (our addition to Dispatch's Function).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamSpec {
+    pub driver: DriverKind,
+    /// `static`: base URLs of the function's endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// `openfaas`: the OpenFaaS function's name (defaults to the Dispatch function's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Speak HTTP/2 with prior knowledge (h2c) to the endpoints: one multiplexed
+    /// connection per endpoint instead of a pool of HTTP/1.1 connections.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http2: bool,
+}
+
+/// A function, in Dispatch's shape plus `upstream` and the concurrency limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Function {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "function_kind")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
+    /// Base64 tar.gz of the function's code (request only: never echoed back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Schema>,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Deadline of one run, in milliseconds; 0 or absent: the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    #[serde(default)]
+    pub created_time: i64,
+    #[serde(default)]
+    pub modified_time: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faas_id: Option<String>,
+    #[serde(
+        default,
+        rename = "functionImageURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub function_image_url: Option<String>,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub reason: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamSpec>,
+    /// Calls allowed in flight at once; 0 or absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<u32>,
+    /// Calls allowed to wait when `maxInflight` is reached; absent: the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<u32>,
+}
+
+fn function_kind() -> String {
+    "Function".to_string()
+}
+
+impl Function {
+    /// Checks what a client sent, naming the first bad field.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.name.is_empty() {
+            return Err(Error::BadRequest("name: required".into()));
+        }
+        if !self
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || self.name.len() > 128
+        {
+            return Err(Error::BadRequest(format!(
+                "name: \"{}\" must be 1 to 128 letters, digits, '-' or '_'",
+                self.name
+            )));
+        }
+        for (i, tag) in self.tags.iter().enumerate() {
+            if tag.key.is_empty() {
+                return Err(Error::BadRequest(format!("tags[{i}].key: required")));
+            }
+        }
+        let Some(up) = &self.upstream else {
+            return Err(Error::BadRequest(format!(
+                "upstream: required for function \"{}\" (this gateway runs functions on the \
+                 static and openfaas drivers; functions built from source need the local driver)",
+                self.name
+            )));
+        };
+        match up.driver {
+            DriverKind::Static => {
+                if up.endpoints.is_empty() {
+                    return Err(Error::BadRequest(
+                        "upstream.endpoints: the static driver needs at least one URL".into(),
+                    ));
+                }
+                for (i, url) in up.endpoints.iter().enumerate() {
+                    crate::drivers::parse_endpoint_url(url).map_err(|why| {
+                        Error::BadRequest(format!("upstream.endpoints[{i}]: \"{url}\" {why}"))
+                    })?;
+                }
+            }
+            DriverKind::Openfaas => {
+                if !up.endpoints.is_empty() {
+                    return Err(Error::BadRequest(
+                        "upstream.endpoints: not used by the openfaas driver (the server's \
+                         [openfaas] section says where functions are)"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The function as the API shows it: without its source.
+    pub fn public(mut self) -> Self {
+        self.source = None;
+        self
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.upstream
+            .as_ref()
+            .map(|u| u.protocol)
+            .unwrap_or_default()
+    }
+}
+
+/// `stdout`/`stderr` lines of one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Logs {
+    #[serde(default)]
+    pub stdout: Vec<String>,
+    #[serde(default)]
+    pub stderr: Vec<String>,
+}
+
+/// Why a run failed, as Dispatch's runtimes and function manager report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunErrorType {
+    InputError,
+    FunctionError,
+    SystemError,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunError {
+    #[serde(rename = "type")]
+    pub kind: RunErrorType,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub stacktrace: Vec<String>,
+}
+
+impl RunError {
+    pub fn system(message: impl Into<String>) -> Self {
+        RunError {
+            kind: RunErrorType::SystemError,
+            message: message.into(),
+            stacktrace: Vec::new(),
+        }
+    }
+
+    pub fn function(message: impl Into<String>) -> Self {
+        RunError {
+            kind: RunErrorType::FunctionError,
+            message: message.into(),
+            stacktrace: Vec::new(),
+        }
+    }
+}
+
+/// What a client sends to `POST /v1/runs`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRequest {
+    #[serde(default)]
+    pub blocking: bool,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    #[serde(default)]
+    pub http_context: Option<Value>,
+    #[serde(default)]
+    pub event: Option<Value>,
+}
+
+/// One execution of a function, in Dispatch's Run shape. Times are unix seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    pub name: String,
+    pub function_name: String,
+    pub function_id: String,
+    pub blocking: bool,
+    pub input: Value,
+    pub output: Value,
+    pub logs: Logs,
+    pub error: Option<RunError>,
+    pub event: Option<Value>,
+    pub http_context: Option<Value>,
+    pub executed_time: i64,
+    pub finished_time: i64,
+    pub status: Status,
+    pub reason: Vec<String>,
+    pub secrets: Vec<String>,
+    pub tags: Vec<Tag>,
+}
+
+/// Seconds since the unix epoch, as Dispatch's times are.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn static_fn(endpoints: &[&str]) -> Function {
+        serde_json::from_value(serde_json::json!({
+            "name": "hello",
+            "upstream": {"driver": "static", "endpoints": endpoints, "protocol": "raw"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_good_static_function_validates() {
+        static_fn(&["http://127.0.0.1:9000"]).validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let e = static_fn(&["ftp://x"]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("upstream.endpoints[0]"), "{e}");
+        let e = static_fn(&[]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("upstream.endpoints"), "{e}");
+        let mut f = static_fn(&["http://127.0.0.1:1"]);
+        f.name = "bad name".into();
+        assert!(f.validate().unwrap_err().to_string().starts_with("name:"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let e = serde_json::from_str::<Function>(r#"{"name":"x","maxInFlight":3}"#).unwrap_err();
+        assert!(e.to_string().contains("maxInFlight"), "{e}");
+    }
+
+    #[test]
+    fn the_source_is_never_shown() {
+        let mut f = static_fn(&["http://127.0.0.1:1"]);
+        f.source = Some("H4sI".into());
+        let shown = serde_json::to_value(f.public()).unwrap();
+        assert!(shown.get("source").is_none());
+    }
+}

@@ -1,0 +1,130 @@
+//! The function registry the hot path reads: an in-memory map from name to a ready-to-call
+//! [`FunctionEntry`] (endpoints resolved to their pools, limiter built, metric handles
+//! resolved). The store is the source of truth; the control API writes the store first,
+//! then the registry. A call's lookup is one sharded read in a `DashMap`, no store query.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::config::Config;
+use crate::drivers::Drivers;
+use crate::error::Error;
+use crate::invoke::balance::Endpoint;
+use crate::invoke::limit::Limiter;
+use crate::invoke::pool::Pools;
+use crate::metrics::{FunctionMetrics, Metrics};
+use crate::model::{Function, Protocol};
+
+/// A function ready to be called.
+pub struct FunctionEntry {
+    /// The function as registered (and as the API shows it).
+    pub spec: Function,
+    pub endpoints: Box<[Endpoint]>,
+    pub protocol: Protocol,
+    /// The run deadline: the function's `timeout`, or the server default.
+    pub timeout: Duration,
+    pub limiter: Limiter,
+    /// Shared with the entry this one replaces, so an update keeps the series.
+    pub metrics: Arc<FunctionMetrics>,
+}
+
+pub struct Registry {
+    functions: DashMap<String, Arc<FunctionEntry>>,
+    pools: Pools,
+    drivers: Drivers,
+    metrics: Arc<Metrics>,
+    default_timeout: Duration,
+    default_max_queue: u32,
+}
+
+impl Registry {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+        Registry {
+            functions: DashMap::new(),
+            pools: Pools::new(config.upstream.clone(), metrics.clone()),
+            drivers: Drivers::new(config.openfaas.clone()),
+            metrics,
+            default_timeout: Duration::from_millis(config.limits.default_timeout_ms),
+            default_max_queue: config.limits.max_queue,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<FunctionEntry>> {
+        self.functions.get(name).map(|e| e.value().clone())
+    }
+
+    /// Builds the entry for `function` without publishing it: what the control API calls
+    /// before it writes the store, so a function that cannot be called is never stored.
+    pub fn prepare(&self, function: Function) -> Result<FunctionEntry, Error> {
+        function.validate()?;
+        let upstream = function
+            .upstream
+            .as_ref()
+            .ok_or_else(|| Error::BadRequest("upstream: required".into()))?;
+        let targets = self
+            .drivers
+            .get(upstream.driver)
+            .targets(&function, upstream)?;
+        let endpoints: Box<[Endpoint]> = targets
+            .iter()
+            .map(|t| Endpoint {
+                pool: self.pools.get(t, upstream.http2),
+                path_prefix: t.path_prefix.clone(),
+            })
+            .collect();
+        let metrics = match self.functions.get(&function.name) {
+            Some(old) => old.metrics.clone(),
+            None => Arc::new(self.metrics.for_function(&function.name)),
+        };
+        metrics.service_count.set(endpoints.len() as i64);
+        let timeout = match function.timeout {
+            Some(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => self.default_timeout,
+        };
+        let limiter = Limiter::new(
+            function.max_inflight.unwrap_or(0),
+            function.max_queue.unwrap_or(self.default_max_queue),
+        );
+        Ok(FunctionEntry {
+            protocol: upstream.protocol,
+            spec: function,
+            endpoints,
+            timeout,
+            limiter,
+            metrics,
+        })
+    }
+
+    /// Publishes an entry; calls that already hold the old one finish on it.
+    pub fn insert(&self, entry: FunctionEntry) {
+        self.functions
+            .insert(entry.spec.name.clone(), Arc::new(entry));
+        self.pools.sweep();
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<FunctionEntry>> {
+        let removed = self.functions.remove(name).map(|(_, e)| e);
+        if removed.is_some() {
+            self.metrics.forget_function(name);
+            self.pools.sweep();
+        }
+        removed
+    }
+
+    /// Every function, by name.
+    pub fn list(&self) -> Vec<Function> {
+        let mut all: Vec<Function> = self.functions.iter().map(|e| e.spec.clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+}

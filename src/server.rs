@@ -1,0 +1,154 @@
+//! The server: opens the store, fills the registry from it, binds the listener and serves
+//! connections until shutdown, then drains: stop accepting, let calls in flight finish
+//! within the drain period, return.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::api::{self, App};
+use crate::config::Config;
+use crate::invoke::Invoker;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+/// Why the server could not start; the message names the path, address or key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(String);
+
+/// A server that is bound and ready to serve.
+pub struct Server {
+    app: Arc<App>,
+    listener: TcpListener,
+    drain: Duration,
+}
+
+impl Server {
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let store = SqliteStore::open(&config.server.data_dir)
+            .map_err(|e| StartError(format!("store: {e}")))?;
+        let registry = Arc::new(Registry::new(&config, metrics.clone()));
+        let functions = store
+            .list_functions()
+            .await
+            .map_err(|e| StartError(format!("store {}: {e}", store.path.display())))?;
+        for function in functions {
+            let name = function.name.clone();
+            match registry.prepare(function) {
+                Ok(entry) => registry.insert(entry),
+                Err(e) => {
+                    tracing::warn!(function = %name, error = %e, "stored function not loaded")
+                }
+            }
+        }
+        let listen = config.server.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| StartError(format!("server.listen: cannot listen on {listen}: {e}")))?;
+        let invoker = Invoker::new(
+            registry.clone(),
+            config.limits.clone(),
+            config.upstream.connect_attempts,
+        );
+        let drain = Duration::from_secs(config.server.drain_seconds);
+        let app = Arc::new(App {
+            config: Arc::new(config),
+            registry,
+            invoker,
+            store: Arc::new(store),
+            metrics,
+            accepting: AtomicBool::new(true),
+        });
+        Ok(Server {
+            app,
+            listener,
+            drain,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            app,
+            listener,
+            drain,
+        } = self;
+        let graceful = GracefulShutdown::new();
+        let mut builder = http1::Builder::new();
+        builder.timer(TokioTimer::new()).keep_alive(true);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let app = app.clone();
+                    let service = service_fn(move |req| {
+                        let app = app.clone();
+                        async move { Ok::<_, Infallible>(api::handle(app, req, peer).await) }
+                    });
+                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        app.accepting.store(false, Ordering::Release);
+        tracing::info!(
+            drain_seconds = drain.as_secs(),
+            "shutting down: listener closed, draining calls in flight"
+        );
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("drained"),
+            () = tokio::time::sleep(drain) => tracing::warn!("drain period over; cutting the calls still in flight"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

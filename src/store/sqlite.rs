@@ -1,0 +1,234 @@
+//! The SQLite store: one file (`dispatch.db` in the data dir, mode 0600, WAL journal),
+//! versioned migrations run at start-up, one connection behind a mutex. The calls are
+//! control-plane only, so each runs on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Store, StoreError};
+use crate::model::Function;
+
+/// Schema versions, in order; `PRAGMA user_version` says how many have run.
+const MIGRATIONS: &[&str] = &["CREATE TABLE functions (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        created_time INTEGER NOT NULL,
+        modified_time INTEGER NOT NULL
+    );"];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    pub path: PathBuf,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dispatch.db` in `data_dir` and brings its schema up to date.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        create_private_dir(data_dir)
+            .map_err(|e| backend(format!("cannot create {}: {e}", data_dir.display())))?;
+        let path = data_dir.join("dispatch.db");
+        let conn = Connection::open(&path)
+            .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
+        restrict_to_owner(&path)
+            .map_err(|e| backend(format!("cannot set the mode of {}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .and_then(|_| conn.pragma_update(None, "synchronous", "NORMAL"))
+            .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
+            .map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        migrate(&conn).map_err(|e| backend(format!("{}: migration: {e}", path.display())))?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().map_err(|_| backend("store lock poisoned"))?;
+            work(&conn)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(unix)]
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+fn encode(function: &Function) -> Result<String, StoreError> {
+    serde_json::to_string(function).map_err(backend)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn list_functions(&self) -> Result<Vec<Function>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT name, spec FROM functions ORDER BY name")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (name, spec) = row.map_err(backend)?;
+                serde_json::from_str(&spec)
+                    .map_err(|e| backend(format!("function \"{name}\" is unreadable: {e}")))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn create_function(&self, function: &Function) -> Result<(), StoreError> {
+        let (name, spec) = (function.name.clone(), encode(function)?);
+        let (created, modified) = (function.created_time, function.modified_time);
+        self.with(move |conn| {
+            let exists = conn
+                .query_row("SELECT 1 FROM functions WHERE name = ?1", [&name], |_| Ok(()))
+                .optional()
+                .map_err(backend)?
+                .is_some();
+            if exists {
+                return Err(StoreError::Conflict(format!("function \"{name}\"")));
+            }
+            conn.execute(
+                "INSERT INTO functions (name, spec, created_time, modified_time) VALUES (?1, ?2, ?3, ?4)",
+                params![name, spec, created, modified],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_function(&self, function: &Function) -> Result<(), StoreError> {
+        let (name, spec, modified) = (
+            function.name.clone(),
+            encode(function)?,
+            function.modified_time,
+        );
+        self.with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE functions SET spec = ?2, modified_time = ?3 WHERE name = ?1",
+                    params![name, spec, modified],
+                )
+                .map_err(backend)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("function \"{name}\"")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_function(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            let changed = conn
+                .execute("DELETE FROM functions WHERE name = ?1", [&name])
+                .map_err(backend)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("function \"{name}\"")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn function(name: &str) -> Function {
+        serde_json::from_value(serde_json::json!({
+            "name": name,
+            "upstream": {"driver": "static", "endpoints": ["http://127.0.0.1:9"]}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn functions_survive_reopening_and_conflicts_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.create_function(&function("a")).await.unwrap();
+        assert!(matches!(
+            store.create_function(&function("a")).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let mut b = function("b");
+        store.create_function(&b).await.unwrap();
+        b.timeout = Some(50);
+        store.update_function(&b).await.unwrap();
+        drop(store);
+
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let all = store.list_functions().await.unwrap();
+        assert_eq!(
+            all.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(all[1].timeout, Some(50));
+        store.delete_function("a").await.unwrap();
+        assert!(matches!(
+            store.delete_function("a").await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.update_function(&function("zz")).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("data")).unwrap();
+        let mode = std::fs::metadata(&store.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

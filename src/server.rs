@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, App};
 use crate::config::Config;
 use crate::invoke::Invoker;
+use crate::invoke::headers::Peer;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -109,10 +110,12 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let app = app.clone();
+                                        let app = app.clone();
+                    let client = Arc::new(Peer::new(peer.ip()));
                     let service = service_fn(move |req| {
                         let app = app.clone();
-                        async move { Ok::<_, Infallible>(api::handle(app, req, peer).await) }
+                        let client = client.clone();
+                        async move { Ok::<_, Infallible>(api::handle(app, req, &client).await) }
                     });
                     let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                     tokio::spawn(async move {

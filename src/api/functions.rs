@@ -20,7 +20,7 @@ fn parse(body: &[u8]) -> Result<Function, Error> {
 pub async fn create(app: &App, req: Request<Incoming>) -> Result<Response<RespBody>, Error> {
     let mut function = parse(&read_body(req, app.config.limits.body_bytes).await?)?;
     let now = unix_now();
-    function.id = uuid::Uuid::new_v4().to_string();
+    function.id = crate::model::new_id().to_string();
     function.kind = "Function".into();
     function.created_time = now;
     function.modified_time = now;

@@ -17,7 +17,6 @@ pub mod headers;
 pub mod limit;
 pub mod pool;
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -105,7 +104,7 @@ impl Invoker {
         name: &str,
         rest: &str,
         req: Request<Incoming>,
-        peer: IpAddr,
+        peer: &headers::Peer,
     ) -> Response<RespBody> {
         let started = Instant::now();
         let call_id = headers::call_id(req.headers());
@@ -131,7 +130,7 @@ impl Invoker {
         name: &str,
         rest: &str,
         req: Request<Incoming>,
-        peer: IpAddr,
+        peer: &headers::Peer,
         call_id: &HeaderValue,
         started: Instant,
     ) -> Result<Response<RespBody>, Error> {
@@ -143,14 +142,16 @@ impl Invoker {
         let deadline = started + function.timeout;
         let mut call = self.admit(&function, started, deadline).await?;
 
-        let start_nanos = unix_nanos();
+        let start_time = HeaderValue::from(unix_nanos() as u64);
         let (mut parts, body) = req.into_parts();
-        headers::to_upstream(&mut parts.headers, peer, call_id, start_nanos);
+        headers::to_upstream(&mut parts.headers, peer, call_id, &start_time);
         let upstream_req = Request::from_parts(parts, ReqBody::stream(body, limit));
+        // One timer for the whole call: it bounds the wait for the head, then the body.
+        let mut timer = Box::pin(tokio::time::sleep_until(deadline));
         let (resp, conn) = self
-            .forward(&mut call, upstream_req, rest, deadline)
+            .forward(&mut call, upstream_req, rest, &mut timer)
             .await?;
-        Ok(self.respond_raw(call, resp, conn, started, start_nanos, deadline))
+        Ok(self.respond_raw(call, resp, conn, started, start_time, timer))
     }
 
     /// The Dispatch surface: one blocking run of function `name`. A function that failed,
@@ -168,7 +169,7 @@ impl Invoker {
         let mut call = self.admit(&function, started, deadline).await?;
 
         let mut run = Run {
-            name: uuid::Uuid::new_v4().to_string(),
+            name: crate::model::new_id().to_string(),
             function_name: function.spec.name.clone(),
             function_id: function.spec.id.clone(),
             blocking: true,
@@ -207,8 +208,9 @@ impl Invoker {
                 .unwrap_or_else(headers::new_traceparent),
         );
 
-        let outcome = match self.forward(&mut call, upstream_req, "/", deadline).await {
-            Ok((resp, conn)) => self.respond_run(&mut call, resp, conn, deadline).await,
+        let mut timer = Box::pin(tokio::time::sleep_until(deadline));
+        let outcome = match self.forward(&mut call, upstream_req, "/", &mut timer).await {
+            Ok((resp, conn)) => self.respond_run(&mut call, resp, conn, &mut timer).await,
             Err(e) => Err(e),
         };
         match outcome {
@@ -299,9 +301,9 @@ impl Invoker {
         call: &mut CallGuard,
         req: Request<ReqBody>,
         rest: &str,
-        deadline: Instant,
+        timer: &mut Pin<Box<Sleep>>,
     ) -> Result<(Response<Incoming>, PooledConn), Error> {
-        let sent = self.try_endpoints(call, req, rest, deadline).await;
+        let sent = self.try_endpoints(call, req, rest, timer).await;
         if let Err(e) = &sent {
             call.code = e.status().as_u16();
         }
@@ -313,7 +315,7 @@ impl Invoker {
         call: &mut CallGuard,
         mut req: Request<ReqBody>,
         rest: &str,
-        deadline: Instant,
+        timer: &mut Pin<Box<Sleep>>,
     ) -> Result<(Response<Incoming>, PooledConn), Error> {
         let function = call.function.clone();
         let endpoints = &function.endpoints;
@@ -332,13 +334,17 @@ impl Invoker {
             if attempt > 0 {
                 function.metrics.connect_retries.inc();
             }
-            let sent = tokio::time::timeout_at(deadline, endpoint.pool.send(req)).await;
+            let sent = tokio::select! {
+                biased;
+                sent = endpoint.pool.send(req) => Ok(sent),
+                () = timer.as_mut() => Err(()),
+            };
             let failure = match sent {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(SendError::Failed(e))) => {
                     return Err(self.send_failed(&function, endpoint, e));
                 }
-                Err(_) => {
+                Err(()) => {
                     return Err(Error::Timeout {
                         function: function.spec.name.clone(),
                         endpoint: endpoint.pool.origin.clone(),
@@ -350,7 +356,7 @@ impl Invoker {
                     cause,
                     connect_failed,
                 })) => {
-                    req = request;
+                    req = *request;
                     if connect_failed {
                         endpoint.pool.eject();
                         tracing::warn!(
@@ -409,25 +415,25 @@ impl Invoker {
         resp: Response<Incoming>,
         conn: PooledConn,
         started: Instant,
-        start_nanos: u128,
-        deadline: Instant,
+        start_time: HeaderValue,
+        timer: Pin<Box<Sleep>>,
     ) -> Response<RespBody> {
         let (mut parts, body) = resp.into_parts();
         call.code = parts.status.as_u16();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let seconds = started.elapsed().as_secs_f64();
-        if let Ok(v) = HeaderValue::from_str(&format!("{seconds:.6}")) {
+        let took = started.elapsed();
+        let seconds = format!("{}.{:06}", took.as_secs(), took.subsec_micros());
+        if let Ok(v) = HeaderValue::from_str(&seconds) {
             parts.headers.insert(headers::X_DURATION_SECONDS.clone(), v);
         }
-        parts.headers.insert(
-            headers::X_START_TIME.clone(),
-            HeaderValue::from(start_nanos as u64),
-        );
+        parts
+            .headers
+            .insert(headers::X_START_TIME.clone(), start_time);
         let body = UpstreamBody {
             inner: body,
             conn: Some(conn),
             call: Some(call),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline: timer,
         };
         Response::from_parts(parts, RespBody::Upstream(body))
     }
@@ -439,7 +445,7 @@ impl Invoker {
         call: &mut CallGuard,
         resp: Response<Incoming>,
         conn: PooledConn,
-        deadline: Instant,
+        timer: &mut Pin<Box<Sleep>>,
     ) -> Result<envelope::Outcome, Error> {
         let status = resp.status();
         call.code = status.as_u16();
@@ -450,9 +456,13 @@ impl Invoker {
             .map(|e| e.origin.clone())
             .unwrap_or_default();
         let limit = self.limits.body_bytes;
-        let read = tokio::time::timeout_at(deadline, read_limited(resp.into_body(), limit)).await;
+        let read = tokio::select! {
+            biased;
+            read = read_limited(resp.into_body(), limit) => Ok(read),
+            () = timer.as_mut() => Err(()),
+        };
         let body = match read {
-            Err(_) => {
+            Err(()) => {
                 return Err(Error::Timeout {
                     function: function.spec.name.clone(),
                     endpoint,

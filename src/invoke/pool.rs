@@ -109,7 +109,8 @@ struct Idle {
 pub enum SendError {
     /// Nothing reached the upstream; the request comes back so it can be tried elsewhere.
     NotSent {
-        request: Request<ReqBody>,
+        /// Boxed: the error path is rare and the `Result` of every call stays small.
+        request: Box<Request<ReqBody>>,
         cause: String,
         /// The endpoint refused or did not answer a new connection (grounds for ejection).
         connect_failed: bool,
@@ -185,11 +186,12 @@ impl HostPool {
                 },
             }
         }
-        let mut sender = match self.connect_h1().await {
+        // Boxed: connecting is rare, and its future would otherwise make every call's bigger.
+        let mut sender = match Box::pin(self.connect_h1()).await {
             Ok(sender) => sender,
             Err(cause) => {
                 return Err(SendError::NotSent {
-                    request,
+                    request: Box::new(request),
                     cause,
                     connect_failed: true,
                 });
@@ -199,7 +201,7 @@ impl HostPool {
             Ok(resp) => Ok((resp, self.lend(Sender::H1(sender)))),
             Err(mut e) => match e.take_message() {
                 Some(back) => Err(SendError::NotSent {
-                    request: back,
+                    request: Box::new(back),
                     cause: e.error().to_string(),
                     connect_failed: false,
                 }),
@@ -221,14 +223,14 @@ impl HostPool {
             .cloned();
         let mut sender = match shared {
             Some(sender) => sender,
-            None => match self.connect_h2().await {
+            None => match Box::pin(self.connect_h2()).await {
                 Ok(sender) => {
                     *self.shared_h2.lock().expect("pool lock") = Some(sender.clone());
                     sender
                 }
                 Err(cause) => {
                     return Err(SendError::NotSent {
-                        request,
+                        request: Box::new(request),
                         cause,
                         connect_failed: true,
                     });
@@ -237,7 +239,7 @@ impl HostPool {
         };
         if let Err(e) = sender.ready().await {
             return Err(SendError::NotSent {
-                request,
+                request: Box::new(request),
                 cause: e.to_string(),
                 connect_failed: false,
             });
@@ -246,7 +248,7 @@ impl HostPool {
             Ok(resp) => Ok((resp, self.lend(Sender::H2))),
             Err(mut e) => match e.take_message() {
                 Some(back) => Err(SendError::NotSent {
-                    request: back,
+                    request: Box::new(back),
                     cause: e.error().to_string(),
                     connect_failed: false,
                 }),
@@ -278,18 +280,19 @@ impl HostPool {
         if sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         let max_age = self.settings.idle_timeout();
         let mut idle = self.idle.lock().expect("pool lock");
         // The oldest sit at the front; drop one that aged out so they do not pile up.
-        if idle.first().is_some_and(|e| e.since.elapsed() >= max_age) {
+        if idle
+            .first()
+            .is_some_and(|e| now.duration_since(e.since) >= max_age)
+        {
             idle.remove(0);
             self.metrics.idle.dec();
         }
         if idle.len() < self.settings.pool_max_idle {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            idle.push(Idle { sender, since: now });
             self.metrics.idle.inc();
         }
     }

@@ -25,7 +25,8 @@ pub struct FunctionEntry {
     pub protocol: Protocol,
     /// The run deadline: the function's `timeout`, or the server default.
     pub timeout: Duration,
-    pub limiter: Limiter,
+    /// Shared with the entry this one replaces when the limits did not change.
+    pub limiter: Arc<Limiter>,
     /// Shared with the entry this one replaces, so an update keeps the series.
     pub metrics: Arc<FunctionMetrics>,
 }
@@ -74,7 +75,8 @@ impl Registry {
                 path_prefix: t.path_prefix.clone(),
             })
             .collect();
-        let metrics = match self.functions.get(&function.name) {
+        let previous = self.get(&function.name);
+        let metrics = match &previous {
             Some(old) => old.metrics.clone(),
             None => Arc::new(self.metrics.for_function(&function.name)),
         };
@@ -83,10 +85,12 @@ impl Registry {
             Some(ms) if ms > 0 => Duration::from_millis(ms),
             _ => self.default_timeout,
         };
-        let limiter = Limiter::new(
-            function.max_inflight.unwrap_or(0),
-            function.max_queue.unwrap_or(self.default_max_queue),
-        );
+        let max_inflight = function.max_inflight.unwrap_or(0);
+        let max_queue = function.max_queue.unwrap_or(self.default_max_queue);
+        let limiter = match previous {
+            Some(old) if old.limiter.has_limits(max_inflight, max_queue) => old.limiter.clone(),
+            _ => Arc::new(Limiter::new(max_inflight, max_queue)),
+        };
         Ok(FunctionEntry {
             protocol: upstream.protocol,
             spec: function,
@@ -104,13 +108,15 @@ impl Registry {
         self.pools.sweep();
     }
 
-    pub fn remove(&self, name: &str) -> Option<Arc<FunctionEntry>> {
-        let removed = self.functions.remove(name).map(|(_, e)| e);
-        if removed.is_some() {
-            self.metrics.forget_function(name);
-            self.pools.sweep();
-        }
-        removed
+    /// Unpublishes a function and closes the pools no function uses any more (those of
+    /// calls still in flight close when the next change sweeps). Gives back what it was.
+    pub fn remove(&self, name: &str) -> Option<Function> {
+        let (_, removed) = self.functions.remove(name)?;
+        let spec = removed.spec.clone();
+        drop(removed);
+        self.metrics.forget_function(name);
+        self.pools.sweep();
+        Some(spec)
     }
 
     /// Every function, by name.

@@ -5,7 +5,7 @@
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{App, query_values, read_body};
+use super::{App, parse_json, query_values, read_body};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
 use crate::model::{Function, Status, unix_now};
@@ -14,7 +14,7 @@ fn parse(body: &[u8]) -> Result<Function, Error> {
     if body.is_empty() {
         return Err(Error::BadRequest("function: request body required".into()));
     }
-    serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("function: {e}")))
+    parse_json(body, "function")
 }
 
 pub async fn create(app: &App, req: Request<Incoming>) -> Result<Response<RespBody>, Error> {
@@ -75,9 +75,11 @@ pub async fn update(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
     let mut function = parse(&read_body(req, app.config.limits.body_bytes).await?)?;
-    let current = app
+    // Only what the update keeps: holding the old entry would keep its pools from closing.
+    let (id, created_time) = app
         .registry
         .get(name)
+        .map(|current| (current.spec.id.clone(), current.spec.created_time))
         .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
     if function.name.is_empty() {
         function.name = name.to_string();
@@ -87,9 +89,9 @@ pub async fn update(
             function.name
         )));
     }
-    function.id = current.spec.id.clone();
+    function.id = id;
     function.kind = "Function".into();
-    function.created_time = current.spec.created_time;
+    function.created_time = created_time;
     function.modified_time = unix_now();
     function.status = Status::Ready;
     function.reason.clear();
@@ -110,7 +112,7 @@ pub async fn delete(app: &App, name: &str) -> Result<Response<RespBody>, Error> 
         .registry
         .remove(name)
         .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
-    let mut shown = removed.spec.clone().public();
+    let mut shown = removed.public();
     shown.status = Status::Deleted;
     tracing::info!(function = %name, "function deleted");
     Ok(json_response(StatusCode::OK, &shown))

@@ -121,6 +121,17 @@ async fn read_body(req: Request<Incoming>, limit: u64) -> Result<Bytes, Error> {
     }
 }
 
+/// A JSON body; a bad one is a 400 that names the field at fault (`timeout: invalid
+/// type...`, `upstream.http2: ...`) or, for malformed JSON, where it breaks.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { what.to_string() } else { path };
+        Error::BadRequest(format!("{field}: {}", e.inner()))
+    })
+}
+
 /// The values of query parameter `key`, decoded.
 fn query_values(query: Option<&str>, key: &str) -> Vec<String> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())

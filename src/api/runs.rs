@@ -6,7 +6,7 @@
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{App, query_values, read_body};
+use super::{App, parse_json, query_values, read_body};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
 use crate::model::{RunErrorType, RunRequest};
@@ -28,8 +28,7 @@ pub async fn create(
             "run: request body required, e.g. {\"blocking\": true, \"input\": {...}}".into(),
         ));
     }
-    let request: RunRequest =
-        serde_json::from_slice(&body).map_err(|e| Error::BadRequest(format!("run: {e}")))?;
+    let request: RunRequest = parse_json(&body, "run")?;
     if !request.blocking {
         return Err(Error::NotImplemented(
             "non-blocking runs are not available yet in this gateway; send \"blocking\": true"

@@ -79,6 +79,16 @@ pub fn new_traceparent() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
 }
 
+/// A duration as OpenFaaS writes `X-Duration-Seconds`: seconds with six decimals.
+pub fn seconds(took: std::time::Duration) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 32];
+    let mut out = &mut buf[..];
+    let _ = write!(out, "{}.{:06}", took.as_secs(), took.subsec_micros());
+    let len = 32 - out.len();
+    HeaderValue::from_bytes(&buf[..len]).expect("digits are a valid header value")
+}
+
 /// The client end of a connection, worked out once per connection rather than per request.
 #[derive(Clone)]
 pub struct Peer {
@@ -160,6 +170,13 @@ mod tests {
         assert_eq!((parts[0], parts[3]), ("00", "01"));
         assert_eq!((parts[1].len(), parts[2].len()), (32, 16));
         assert!(parts[1].chars().all(|c| c.is_ascii_hexdigit()) && parts[1] != "0".repeat(32));
+    }
+
+    #[test]
+    fn durations_are_written_as_openfaas_does() {
+        let d = std::time::Duration::from_micros(1_234_567);
+        assert_eq!(seconds(d), "1.234567");
+        assert_eq!(seconds(std::time::Duration::from_micros(42)), "0.000042");
     }
 
     #[test]

@@ -421,11 +421,10 @@ impl Invoker {
         let (mut parts, body) = resp.into_parts();
         call.code = parts.status.as_u16();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let took = started.elapsed();
-        let seconds = format!("{}.{:06}", took.as_secs(), took.subsec_micros());
-        if let Ok(v) = HeaderValue::from_str(&seconds) {
-            parts.headers.insert(headers::X_DURATION_SECONDS.clone(), v);
-        }
+        parts.headers.insert(
+            headers::X_DURATION_SECONDS.clone(),
+            headers::seconds(started.elapsed()),
+        );
         parts
             .headers
             .insert(headers::X_START_TIME.clone(), start_time);
@@ -486,7 +485,10 @@ impl Invoker {
 /// The upstream request's URI: the endpoint's path prefix, then the caller's path.
 fn upstream_uri(endpoint: &Endpoint, rest: &str) -> Result<Uri, Error> {
     let pq = if endpoint.path_prefix.is_empty() {
-        PathAndQuery::try_from(rest)
+        match rest {
+            "/" => Ok(PathAndQuery::from_static("/")),
+            _ => PathAndQuery::try_from(rest),
+        }
     } else {
         PathAndQuery::try_from(format!("{}{rest}", endpoint.path_prefix))
     };

@@ -65,6 +65,7 @@ impl Pools {
                     ejected_until: AtomicU64::new(0),
                     idle: Mutex::new(Vec::new()),
                     shared_h2: Mutex::new(None),
+                    h2_connecting: tokio::sync::Mutex::new(()),
                     settings: self.settings.clone(),
                     metrics: self.metrics.for_endpoint(&target.origin),
                 })
@@ -96,8 +97,19 @@ pub struct HostPool {
     idle: Mutex<Vec<Idle>>,
     /// The one HTTP/2 connection of an h2c endpoint, cloned per call.
     shared_h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    /// Held while an h2c connection is being opened, so that a burst of calls on a cold
+    /// endpoint waits for one connection instead of each opening its own.
+    h2_connecting: tokio::sync::Mutex<()>,
     settings: Arc<UpstreamConfig>,
     metrics: EndpointMetrics,
+}
+
+impl Drop for HostPool {
+    /// A pool no function uses any more: its idle connections close with it.
+    fn drop(&mut self) {
+        let idle = self.idle.get_mut().map(|v| v.len()).unwrap_or(0);
+        self.metrics.idle.sub(idle as i64);
+    }
 }
 
 struct Idle {
@@ -214,20 +226,10 @@ impl HostPool {
         self: &Arc<Self>,
         request: Request<ReqBody>,
     ) -> Result<(Response<Incoming>, PooledConn), SendError> {
-        let shared = self
-            .shared_h2
-            .lock()
-            .expect("pool lock")
-            .as_ref()
-            .filter(|s| !s.is_closed())
-            .cloned();
-        let mut sender = match shared {
+        let mut sender = match self.live_h2() {
             Some(sender) => sender,
-            None => match Box::pin(self.connect_h2()).await {
-                Ok(sender) => {
-                    *self.shared_h2.lock().expect("pool lock") = Some(sender.clone());
-                    sender
-                }
+            None => match Box::pin(self.connect_shared_h2()).await {
+                Ok(sender) => sender,
                 Err(cause) => {
                     return Err(SendError::NotSent {
                         request: Box::new(request),
@@ -255,6 +257,27 @@ impl HostPool {
                 None => Err(SendError::Failed(e.into_error())),
             },
         }
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<ReqBody>> {
+        self.shared_h2
+            .lock()
+            .expect("pool lock")
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+
+    /// The shared h2c connection, opened by the first caller that finds none; the others
+    /// wait for it.
+    async fn connect_shared_h2(&self) -> Result<http2::SendRequest<ReqBody>, String> {
+        let _one_at_a_time = self.h2_connecting.lock().await;
+        if let Some(sender) = self.live_h2() {
+            return Ok(sender);
+        }
+        let sender = self.connect_h2().await?;
+        *self.shared_h2.lock().expect("pool lock") = Some(sender.clone());
+        Ok(sender)
     }
 
     fn lend(self: &Arc<Self>, sender: Sender) -> PooledConn {

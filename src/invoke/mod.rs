@@ -72,6 +72,12 @@ impl CallGuard {
         }
     }
 
+    /// Notes the status a failed call answers with, for the metrics.
+    fn fail(&mut self, e: Error) -> Error {
+        self.code = e.status().as_u16();
+        e
+    }
+
     /// Phase 5: what is left to do once the call is over.
     fn record(&mut self) {
         self.leave_endpoint();
@@ -295,22 +301,8 @@ impl Invoker {
 
     /// Phase 3: sends `req` to one of the function's endpoints with `rest` as its path.
     /// A failure to connect moves on to another endpoint (and sets the refusing one aside);
-    /// anything that may have reached the function is final.
+    /// anything that may have reached the function is final. A failure sets the call's code.
     async fn forward(
-        &self,
-        call: &mut CallGuard,
-        req: Request<ReqBody>,
-        rest: &str,
-        timer: &mut Pin<Box<Sleep>>,
-    ) -> Result<(Response<Incoming>, PooledConn), Error> {
-        let sent = self.try_endpoints(call, req, rest, timer).await;
-        if let Err(e) = &sent {
-            call.code = e.status().as_u16();
-        }
-        sent
-    }
-
-    async fn try_endpoints(
         &self,
         call: &mut CallGuard,
         mut req: Request<ReqBody>,
@@ -336,20 +328,22 @@ impl Invoker {
             }
             let sent = tokio::select! {
                 biased;
-                sent = endpoint.pool.send(req) => Ok(sent),
+                                // Boxed: the send future is the largest part of a call's state, and every
+                // level above would otherwise copy it (see docs/performance.md).
+                sent = Box::pin(endpoint.pool.send(req)) => Ok(sent),
                 () = timer.as_mut() => Err(()),
             };
             let failure = match sent {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(SendError::Failed(e))) => {
-                    return Err(self.send_failed(&function, endpoint, e));
+                    return Err(call.fail(self.send_failed(&function, endpoint, e)));
                 }
                 Err(()) => {
-                    return Err(Error::Timeout {
+                    return Err(call.fail(Error::Timeout {
                         function: function.spec.name.clone(),
                         endpoint: endpoint.pool.origin.clone(),
                         after_ms: function.timeout.as_millis() as u64,
-                    });
+                    }));
                 }
                 Ok(Err(SendError::NotSent {
                     request,
@@ -375,11 +369,11 @@ impl Invoker {
             };
             last_failure = failure;
         }
-        Err(Error::Upstream {
+        Err(call.fail(Error::Upstream {
             function: function.spec.name.clone(),
             endpoint: last_endpoint.to_string(),
             cause: last_failure,
-        })
+        }))
     }
 
     fn send_failed(&self, function: &FunctionEntry, endpoint: &Endpoint, e: hyper::Error) -> Error {

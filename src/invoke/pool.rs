@@ -182,7 +182,7 @@ impl HostPool {
         request: Request<ReqBody>,
     ) -> Result<(Response<Incoming>, PooledConn), SendError> {
         if self.http2 {
-            return self.send_h2(request).await;
+            return Box::pin(self.send_h2(request)).await;
         }
         let mut request = request;
         while let Some(mut sender) = self.take_idle() {

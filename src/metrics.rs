@@ -147,7 +147,7 @@ impl Metrics {
             invocation_total: self.invocation_total.clone(),
             functions_seconds: self.functions_seconds.clone(),
             rejections: self.rejections.clone(),
-            by_code: (0..CODES).map(|_| OnceLock::new()).collect(),
+            by_code: Default::default(),
         }
     }
 
@@ -184,8 +184,18 @@ impl Default for Metrics {
     }
 }
 
-/// HTTP status codes 100..=599 get a slot each.
-const CODES: usize = 500;
+/// Status codes whose handles a function keeps at hand. A function answers with a few
+/// codes, so a short list scanned in order is both small (a slot per code seen, not per
+/// code possible: 10,000 functions must not cost 120 MB) and fast; codes beyond it are
+/// looked up the slow way.
+const CODE_SLOTS: usize = 8;
+
+/// The handles of one status code.
+struct CodeMetrics {
+    code: u16,
+    count: IntCounter,
+    seconds: Histogram,
+}
 
 /// One function's metric handles.
 pub struct FunctionMetrics {
@@ -197,24 +207,37 @@ pub struct FunctionMetrics {
     invocation_total: IntCounterVec,
     functions_seconds: HistogramVec,
     rejections: IntCounterVec,
-    /// The (counter, histogram) pair of each status code seen so far, indexed by code-100.
-    by_code: Box<[OnceLock<(IntCounter, Histogram)>]>,
+    /// The handles of the first status codes seen, each slot taken once for good.
+    by_code: [OnceLock<CodeMetrics>; CODE_SLOTS],
 }
 
 impl FunctionMetrics {
     /// Counts one finished call with its status code and duration.
     pub fn observe(&self, code: u16, elapsed: Duration) {
-        let slot = (code as usize).clamp(100, 599) - 100;
-        let (count, seconds) = self.by_code[slot].get_or_init(|| {
-            let code = code.to_string();
-            let labels = [self.name.as_str(), code.as_str()];
-            (
-                self.invocation_total.with_label_values(&labels),
-                self.functions_seconds.with_label_values(&labels),
-            )
-        });
-        count.inc();
-        seconds.observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        for slot in &self.by_code {
+            // An empty slot is claimed for this code; a slot another code claimed first
+            // (maybe just now, on another thread) is passed over.
+            let found = slot.get_or_init(|| self.resolve(code));
+            if found.code == code {
+                found.count.inc();
+                found.seconds.observe(seconds);
+                return;
+            }
+        }
+        let slow = self.resolve(code);
+        slow.count.inc();
+        slow.seconds.observe(seconds);
+    }
+
+    fn resolve(&self, code: u16) -> CodeMetrics {
+        let text = code.to_string();
+        let labels = [self.name.as_str(), text.as_str()];
+        CodeMetrics {
+            code,
+            count: self.invocation_total.with_label_values(&labels),
+            seconds: self.functions_seconds.with_label_values(&labels),
+        }
     }
 
     pub fn reject(&self, why: Rejection) {
@@ -244,6 +267,11 @@ mod tests {
         f.observe(200, Duration::from_millis(3));
         f.observe(200, Duration::from_millis(4));
         f.observe(502, Duration::from_millis(1));
+        // More codes than there are slots still count.
+        for code in [201, 202, 204, 301, 302, 400, 401, 403, 404, 409] {
+            f.observe(code, Duration::from_millis(1));
+        }
+        f.observe(409, Duration::from_millis(1));
         f.reject(Rejection::QueueFull);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
@@ -261,6 +289,16 @@ mod tests {
             text.contains(r#"gateway_functions_seconds_count{code="200",function_name="hello"} 2"#)
         );
         assert!(text.contains(r#"gateway_function_invocation_started{function_name="hello"} 1"#));
+        assert!(
+            text.contains(
+                r#"gateway_function_invocation_total{code="409",function_name="hello"} 2"#
+            )
+        );
+        assert!(
+            text.contains(
+                r#"gateway_function_invocation_total{code="204",function_name="hello"} 1"#
+            )
+        );
         assert!(
             text.contains(
                 r#"dispatch_rejections_total{function_name="hello",reason="queue_full"} 1"#

@@ -33,7 +33,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BodyTooLarge, BoxError, ReqBody, RespBody};
 use crate::config::LimitsConfig;
-use crate::error::Error;
+use crate::error::{Error, error_chain};
 use crate::metrics::Rejection;
 use crate::model::{Run, RunError, RunRequest, Status, unix_now};
 use crate::registry::{FunctionEntry, Registry};
@@ -519,18 +519,6 @@ fn unix_nanos() -> u128 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
-}
-
-/// `e` and its sources, joined: hyper's own message alone ("connection error") hides the cause.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn find_cause<'a, T: std::error::Error + 'static>(

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
@@ -209,17 +209,8 @@ impl HostPool {
                 });
             }
         };
-        match sender.try_send_request(request).await {
-            Ok(resp) => Ok((resp, self.lend(Sender::H1(sender)))),
-            Err(mut e) => match e.take_message() {
-                Some(back) => Err(SendError::NotSent {
-                    request: Box::new(back),
-                    cause: e.error().to_string(),
-                    connect_failed: false,
-                }),
-                None => Err(SendError::Failed(e.into_error())),
-            },
-        }
+        let sent = sender.try_send_request(request).await;
+        self.outcome(sent, Sender::H1(sender))
     }
 
     async fn send_h2(
@@ -246,8 +237,19 @@ impl HostPool {
                 connect_failed: false,
             });
         }
-        match sender.try_send_request(request).await {
-            Ok(resp) => Ok((resp, self.lend(Sender::H2))),
+        let sent = sender.try_send_request(request).await;
+        self.outcome(sent, Sender::H2)
+    }
+
+    /// A response with the connection it came on; or the request back if it was never
+    /// written (the connection closed first), or a final error if it may have been.
+    fn outcome(
+        self: &Arc<Self>,
+        sent: Result<Response<Incoming>, TrySendError<Request<ReqBody>>>,
+        sender: Sender,
+    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
+        match sent {
+            Ok(resp) => Ok((resp, self.lend(sender))),
             Err(mut e) => match e.take_message() {
                 Some(back) => Err(SendError::NotSent {
                     request: Box::new(back),

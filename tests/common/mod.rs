@@ -605,17 +605,7 @@ fn complete_response_len(got: &[u8]) -> Option<usize> {
     }
 }
 
-/// `e` and its sources.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use dispatch::error::error_chain;
 
 /// A body of `len` bytes made on the fly from one shared chunk: nothing is held whole.
 /// `exact` announces the length (Content-Length); otherwise it goes chunked.

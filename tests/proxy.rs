@@ -713,7 +713,32 @@ async fn an_endpoint_path_prefix_comes_before_the_callers_path() {
         Bytes::new(),
     )
     .await;
-    assert_eq!(reply.json()["path"], "/base/fn/");
+    assert_eq!(reply.json()["path"], "/base/fn");
+    let reply = request(
+        gw.addr,
+        Method::GET,
+        "/function/prefixed?q=2",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.json()["path"], "/base/fn");
+    assert_eq!(reply.json()["query"], "q=2");
+
+    // Without a prefix, a call with a query and no path still sends a path of "/".
+    let mut bare = function("bare", &[up.addr], json!({}));
+    bare["upstream"]["protocol"] = json!("raw");
+    gw.register(&bare).await;
+    let reply = request(
+        gw.addr,
+        Method::GET,
+        "/function/bare?q=3",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.json()["path"], "/");
+    assert_eq!(reply.json()["query"], "q=3");
 }
 
 /// Registers `name` on `up`, makes a call so the pool keeps one idle connection, and

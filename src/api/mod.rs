@@ -42,11 +42,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     let path = uri.path();
     if let Some(rest) = path.strip_prefix("/function/") {
         let (name, suffix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let forwarded = match (suffix, uri.query()) {
-            ("", None) => std::borrow::Cow::Borrowed("/"),
-            (suffix, None) => std::borrow::Cow::Borrowed(suffix),
-            ("", Some(q)) => format!("/?{q}").into(),
-            (suffix, Some(q)) => format!("{suffix}?{q}").into(),
+        let forwarded = match uri.query() {
+            None => std::borrow::Cow::Borrowed(suffix),
+            Some(q) => format!("{suffix}?{q}").into(),
         };
         return app.invoker.proxy(name, &forwarded, req, peer).await;
     }

@@ -102,8 +102,9 @@ impl Invoker {
         }
     }
 
-    /// The OpenFaaS surface: `req` goes to function `name` with `rest` (the path after
-    /// `/function/{name}`, with the query) as its path, and the upstream's answer streams
+    /// The OpenFaaS surface: `req` goes to function `name` with `rest` (what follows
+    /// `/function/{name}`: a path suffix and the query, either may be empty) appended to the
+    /// endpoint's path, and the upstream's answer streams
     /// back. Errors become responses here, with the call id.
     pub async fn proxy(
         &self,
@@ -215,7 +216,7 @@ impl Invoker {
         );
 
         let mut timer = Box::pin(tokio::time::sleep_until(deadline));
-        let outcome = match self.forward(&mut call, upstream_req, "/", &mut timer).await {
+        let outcome = match self.forward(&mut call, upstream_req, "", &mut timer).await {
             Ok((resp, conn)) => self.respond_run(&mut call, resp, conn, &mut timer).await,
             Err(e) => Err(e),
         };
@@ -328,7 +329,7 @@ impl Invoker {
             }
             let sent = tokio::select! {
                 biased;
-                                // Boxed: the send future is the largest part of a call's state, and every
+                // Boxed: the send future is the largest part of a call's state, and every
                 // level above would otherwise copy it (see docs/performance.md).
                 sent = Box::pin(endpoint.pool.send(req)) => Ok(sent),
                 () = timer.as_mut() => Err(()),
@@ -476,11 +477,13 @@ impl Invoker {
     }
 }
 
-/// The upstream request's URI: the endpoint's path prefix, then the caller's path.
+/// The upstream request's URI: the endpoint's path prefix, then the caller's path suffix
+/// (`rest`, possibly empty, possibly just `?query`) exactly as it came.
 fn upstream_uri(endpoint: &Endpoint, rest: &str) -> Result<Uri, Error> {
     let pq = if endpoint.path_prefix.is_empty() {
         match rest {
-            "/" => Ok(PathAndQuery::from_static("/")),
+            "" => Ok(PathAndQuery::from_static("/")),
+            _ if rest.starts_with('?') => PathAndQuery::try_from(format!("/{rest}")),
             _ => PathAndQuery::try_from(rest),
         }
     } else {

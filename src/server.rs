@@ -72,6 +72,7 @@ impl Server {
             store: Arc::new(store),
             metrics,
             accepting: AtomicBool::new(true),
+            writes: tokio::sync::Mutex::new(()),
         });
         Ok(Server {
             app,

@@ -26,6 +26,7 @@ pub async fn create(app: &App, req: Request<Incoming>) -> Result<Response<RespBo
     function.modified_time = now;
     function.status = Status::Ready;
     function.reason.clear();
+    let _serial = app.writes.lock().await;
     let entry = app.registry.prepare(function)?;
     app.store.create_function(&entry.spec).await?;
     let shown = entry.spec.clone().public();
@@ -75,6 +76,7 @@ pub async fn update(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
     let mut function = parse(&read_body(req, app.config.limits.body_bytes).await?)?;
+    let _serial = app.writes.lock().await;
     // Only what the update keeps: holding the old entry would keep its pools from closing.
     let (id, created_time) = app
         .registry
@@ -104,6 +106,7 @@ pub async fn update(
 }
 
 pub async fn delete(app: &App, name: &str) -> Result<Response<RespBody>, Error> {
+    let _serial = app.writes.lock().await;
     if app.registry.get(name).is_none() {
         return Err(Error::NotFound(format!("function \"{name}\" not found")));
     }

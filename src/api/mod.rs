@@ -32,6 +32,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// True while the listener accepts connections (for `/readyz`).
     pub accepting: AtomicBool,
+    /// Serializes the control API's writes (store, then registry), so that a PUT and a
+    /// DELETE of one function racing each other cannot leave the two disagreeing.
+    pub writes: tokio::sync::Mutex<()>,
 }
 
 /// Routes one request. The OpenFaaS surface is served inline; everything else is boxed,

@@ -19,6 +19,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub upstream: UpstreamConfig,
+    pub records: RecordsConfig,
     pub openfaas: OpenfaasConfig,
 }
 
@@ -57,6 +58,15 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_seconds: u64,
     pub eject_seconds: u64,
     pub connect_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    pub queue: usize,
+    pub batch: usize,
+    pub wait_ms: u64,
+    pub body_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +145,12 @@ impl Config {
         }
         if self.upstream.connect_timeout_ms == 0 {
             return bad("upstream.connect_timeout_ms", "must be greater than 0");
+        }
+        if self.records.queue == 0 {
+            return bad("records.queue", "must be at least 1");
+        }
+        if self.records.batch == 0 {
+            return bad("records.batch", "must be at least 1");
         }
         if self.upstream.connect_attempts == 0 {
             return bad("upstream.connect_attempts", "must be at least 1");

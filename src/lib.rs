@@ -12,6 +12,7 @@ pub mod error;
 pub mod invoke;
 pub mod metrics;
 pub mod model;
+pub mod records;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -26,6 +26,9 @@ pub struct Metrics {
     connections_opened: IntCounterVec,
     pool_idle: IntGaugeVec,
     ejections: IntCounterVec,
+    records_written: IntCounter,
+    records_pending: IntGauge,
+    record_write_failures: IntCounter,
 }
 
 /// Why the gateway turned a call away before it reached a function.
@@ -132,7 +135,40 @@ impl Metrics {
                 "Times an endpoint was set aside after refusing connections",
                 &["endpoint"],
             ),
+            records_written: register(
+                &registry,
+                IntCounter::new(
+                    "dispatch_run_records_written_total",
+                    "Run records written to the store",
+                )
+                .expect("valid metric"),
+            ),
+            records_pending: register(
+                &registry,
+                IntGauge::new(
+                    "dispatch_run_records_pending",
+                    "Run records waiting to be written",
+                )
+                .expect("valid metric"),
+            ),
+            record_write_failures: register(
+                &registry,
+                IntCounter::new(
+                    "dispatch_run_record_write_failures_total",
+                    "Batches of run records the store refused (they are tried again)",
+                )
+                .expect("valid metric"),
+            ),
             registry,
+        }
+    }
+
+    /// The run record writer's handles.
+    pub fn records(&self) -> crate::records::RecordMetrics {
+        crate::records::RecordMetrics {
+            written: self.records_written.clone(),
+            pending: self.records_pending.clone(),
+            write_failures: self.record_write_failures.clone(),
         }
     }
 

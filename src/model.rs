@@ -300,6 +300,27 @@ pub struct Run {
     pub reason: Vec<String>,
     pub secrets: Vec<String>,
     pub tags: Vec<Tag>,
+    /// What the gateway saw of the call (our addition to Dispatch's Run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<CallFacts>,
+}
+
+/// What the gateway saw of one call, kept with its run record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallFacts {
+    pub call_id: String,
+    /// The upstream's HTTP status, or the gateway's own when the call failed before it.
+    pub http_status: u16,
+    pub duration_ms: f64,
+    pub endpoint: String,
+    /// The stored input or output was cut at `records.body_bytes`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub input_truncated: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub output_truncated: bool,
+    /// Microseconds since the epoch when the call started: the order runs are listed in.
+    pub started_us: i64,
 }
 
 /// A new random (version 4) uuid for run names, call ids and function ids. Drawn from a

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::invoke::Invoker;
 use crate::invoke::headers::Peer;
 use crate::metrics::Metrics;
+use crate::records::{Recorder, Writer};
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -34,6 +35,8 @@ pub struct Server {
     app: Arc<App>,
     listener: TcpListener,
     drain: Duration,
+    /// The run record writer, flushed after the drain.
+    writer: Writer,
 }
 
 impl Server {
@@ -59,17 +62,20 @@ impl Server {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| StartError(format!("server.listen: cannot listen on {listen}: {e}")))?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        let (recorder, writer) = Recorder::start(store.clone(), &config.records, metrics.records());
         let invoker = Invoker::new(
             registry.clone(),
             config.limits.clone(),
             config.upstream.connect_attempts,
+            recorder,
         );
         let drain = Duration::from_secs(config.server.drain_seconds);
         let app = Arc::new(App {
             config: Arc::new(config),
             registry,
             invoker,
-            store: Arc::new(store),
+            store,
             metrics,
             accepting: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
@@ -78,6 +84,7 @@ impl Server {
             app,
             listener,
             drain,
+            writer,
         })
     }
 
@@ -93,6 +100,7 @@ impl Server {
             app,
             listener,
             drain,
+            writer,
         } = self;
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
@@ -138,6 +146,8 @@ impl Server {
             () = graceful.shutdown() => tracing::info!("drained"),
             () = tokio::time::sleep(drain) => tracing::warn!("drain period over; cutting the calls still in flight"),
         }
+        writer.flush_and_stop().await;
+        tracing::info!("run records flushed");
     }
 }
 

@@ -5,7 +5,7 @@
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{App, parse_json, query_values, read_body};
+use super::{App, parse_json, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
 use crate::model::{Function, Status, unix_now};
@@ -36,16 +36,7 @@ pub async fn create(app: &App, req: Request<Incoming>) -> Result<Response<RespBo
 }
 
 pub fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, Error> {
-    let wanted = query_values(query, "tags")
-        .into_iter()
-        .map(|tag| match tag.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), Some(v.to_string()))),
-            None if !tag.is_empty() => Ok((tag, None)),
-            _ => Err(Error::BadRequest(format!(
-                "tags: \"{tag}\" must be key=value or key"
-            ))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let wanted = tag_filters(query)?;
     let functions: Vec<Function> = app
         .registry
         .list()

@@ -69,9 +69,7 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
         },
         "/v1/runs" | "/v1/runs/" => match method {
             Method::POST => runs::create(&app, req, uri.query()).await,
-            Method::GET => Err(Error::NotImplemented(
-                "listing runs needs run records, which this gateway does not keep yet".into(),
-            )),
+            Method::GET => runs::list(&app, uri.query()).await,
             _ => Err(not_allowed(&method, path, "GET, POST")),
         },
         _ => {
@@ -81,6 +79,11 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
                     Method::PUT => functions::update(&app, name, req).await,
                     Method::DELETE => functions::delete(&app, name).await,
                     _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
+                }
+            } else if let Some(name) = path.strip_prefix("/v1/runs/") {
+                match method {
+                    Method::GET => runs::get(&app, name, uri.query()).await,
+                    _ => Err(not_allowed(&method, path, "GET")),
                 }
             } else if path.starts_with("/async-function/") {
                 Err(Error::NotImplemented(
@@ -131,6 +134,20 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result
         let field = if path == "." { what.to_string() } else { path };
         Error::BadRequest(format!("{field}: {}", e.inner()))
     })
+}
+
+/// The `tags` filters of a query: `key=value` or `key`, every one of which must match.
+fn tag_filters(query: Option<&str>) -> Result<Vec<(String, Option<String>)>, Error> {
+    query_values(query, "tags")
+        .into_iter()
+        .map(|tag| match tag.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), Some(v.to_string()))),
+            None if !tag.is_empty() => Ok((tag, None)),
+            _ => Err(Error::BadRequest(format!(
+                "tags: \"{tag}\" must be key=value or key"
+            ))),
+        })
+        .collect()
 }
 
 /// The values of query parameter `key`, decoded.

@@ -1,15 +1,22 @@
-//! `POST /v1/runs?functionName=X`: a Dispatch run. Blocking runs answer 200 with the whole
-//! run even when the function failed (status ERROR, `error` filled), as Dispatch does; a
-//! failure of the platform itself (unreachable upstream, deadline) is also marked with
-//! `X-Dispatch-Error`.
+//! Dispatch runs. `POST /v1/runs?functionName=X` runs a function: a blocking run answers
+//! 200 with the whole run even when the function failed (status ERROR, `error` filled), as
+//! Dispatch does; a failure of the platform itself (unreachable upstream, deadline) is also
+//! marked with `X-Dispatch-Error`. `GET /v1/runs` lists recorded runs, newest first, a page
+//! at a time (`limit`, and `X-Next-Cursor` to pass back as `cursor`); `GET /v1/runs/{name}`
+//! shows one.
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{App, parse_json, query_values, read_body};
+use super::{App, parse_json, query_values, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
-use crate::model::{RunErrorType, RunRequest};
+use crate::model::{RunErrorType, RunRequest, Status};
+use crate::store::{RunPosition, RunQuery};
+
+/// Runs per page when the client does not say, and the most it may ask for.
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
 
 pub async fn create(
     app: &App,
@@ -46,4 +53,88 @@ pub async fn create(
             .insert("x-dispatch-error", HeaderValue::from_static("system-error"));
     }
     Ok(resp)
+}
+
+pub async fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, Error> {
+    let one = |key: &str| {
+        query_values(query, key)
+            .into_iter()
+            .next()
+            .filter(|v| !v.is_empty())
+    };
+    let since = one("since")
+        .map(|v| {
+            v.parse::<i64>().ok().filter(|s| *s >= 0).ok_or_else(|| {
+                Error::BadRequest(format!("since: \"{v}\" is not a unix time in seconds"))
+            })
+        })
+        .transpose()?;
+    let status = one("status")
+        .map(|v| {
+            serde_json::from_value::<Status>(serde_json::Value::String(v.clone())).map_err(|_| {
+                Error::BadRequest(format!(
+                    "status: \"{v}\" is not one of INITIALIZED, CREATING, READY, ERROR"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = match one("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_LIMIT).contains(l))
+            .ok_or_else(|| {
+                Error::BadRequest(format!(
+                    "limit: \"{v}\" must be a number from 1 to {MAX_LIMIT}"
+                ))
+            })?,
+    };
+    let after = one("cursor")
+        .map(|v| {
+            RunPosition::from_cursor(&v).ok_or_else(|| {
+                Error::BadRequest(format!(
+                    "cursor: \"{v}\" is not a cursor this server gave (take it from X-Next-Cursor)"
+                ))
+            })
+        })
+        .transpose()?;
+    let tags = tag_filters(query)?;
+    let runs = app
+        .store
+        .list_runs(&RunQuery {
+            function_name: one("functionName"),
+            since,
+            status,
+            tags,
+            limit,
+            after,
+        })
+        .await?;
+    let next = (runs.len() == limit as usize)
+        .then(|| runs.last().map(|last| RunPosition::of(last).to_cursor()))
+        .flatten();
+    let mut resp = json_response(StatusCode::OK, &runs);
+    if let Some(next) = next {
+        resp.headers_mut().insert(
+            "x-next-cursor",
+            HeaderValue::from_str(&next).expect("a hex cursor is a valid header value"),
+        );
+    }
+    Ok(resp)
+}
+
+pub async fn get(app: &App, name: &str, query: Option<&str>) -> Result<Response<RespBody>, Error> {
+    let wanted_function = query_values(query, "functionName").into_iter().next();
+    let run = app
+        .store
+        .get_run(name)
+        .await?
+        .filter(|run| {
+            wanted_function
+                .as_deref()
+                .is_none_or(|f| f.is_empty() || f == run.function_name)
+        })
+        .ok_or_else(|| Error::NotFound(format!("run \"{name}\" not found")))?;
+    Ok(json_response(StatusCode::OK, &run))
 }

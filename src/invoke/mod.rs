@@ -35,7 +35,8 @@ use crate::body::{BodyTooLarge, BoxError, ReqBody, RespBody};
 use crate::config::LimitsConfig;
 use crate::error::{Error, error_chain};
 use crate::metrics::Rejection;
-use crate::model::{Run, RunError, RunRequest, Status, unix_now};
+use crate::model::{CallFacts, Run, RunError, RunRequest, Status, unix_now};
+use crate::records::Recorder;
 use crate::registry::{FunctionEntry, Registry};
 use balance::Endpoint;
 use pool::{PooledConn, SendError};
@@ -44,6 +45,7 @@ pub struct Invoker {
     registry: Arc<Registry>,
     limits: LimitsConfig,
     connect_attempts: u32,
+    recorder: Recorder,
 }
 
 /// One call in flight. Created when the call is admitted; dropped when it ends, which is
@@ -94,11 +96,17 @@ impl Drop for CallGuard {
 }
 
 impl Invoker {
-    pub fn new(registry: Arc<Registry>, limits: LimitsConfig, connect_attempts: u32) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        limits: LimitsConfig,
+        connect_attempts: u32,
+        recorder: Recorder,
+    ) -> Self {
         Invoker {
             registry,
             limits,
             connect_attempts,
+            recorder,
         }
     }
 
@@ -171,6 +179,7 @@ impl Invoker {
         client_headers: &HeaderMap,
     ) -> Result<Run, Error> {
         let started = Instant::now();
+        let started_us = (unix_nanos() / 1_000) as i64;
         let function = self.resolve(name)?;
         let deadline = started + function.timeout;
         let mut call = self.admit(&function, started, deadline).await?;
@@ -241,7 +250,26 @@ impl Invoker {
                 run.reason = vec![error.message.clone()];
             }
         }
+        run.call = Some(CallFacts {
+            call_id: run.name.clone(),
+            http_status: call.code,
+            duration_ms: started.elapsed().as_secs_f64() * 1e3,
+            endpoint: call
+                .endpoint
+                .as_ref()
+                .map(|e| e.origin.clone())
+                .unwrap_or_default(),
+            started_us,
+            ..CallFacts::default()
+        });
+        self.record(run.clone()).await;
         Ok(run)
+    }
+
+    /// Phase 5 for a Dispatch run: its record, written off the hot path (this waits only
+    /// when the writer is behind by `records.queue` runs).
+    async fn record(&self, run: Run) {
+        self.recorder.record(run).await;
     }
 
     /// Phase 1: the function, if it exists and is READY.

@@ -8,7 +8,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::error::Error;
-use crate::model::Function;
+use crate::model::{Function, Run, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,4 +42,124 @@ pub trait Store: Send + Sync {
     async fn delete_function(&self, name: &str) -> Result<(), StoreError>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Writes runs in one transaction. A run whose name is stored already is replaced, so
+    /// writing the same run twice leaves one record.
+    async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError>;
+    /// One run by name.
+    async fn get_run(&self, name: &str) -> Result<Option<Run>, StoreError>;
+    /// Runs matching `query`, newest first (start time, then name), at most `query.limit`.
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError>;
+}
+
+/// Which runs to list. `after` is the position of the last run of the previous page:
+/// keyset paging, so a page stays correct while new runs arrive.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunQuery {
+    pub function_name: Option<String>,
+    /// Unix seconds: runs started at or after.
+    pub since: Option<i64>,
+    pub status: Option<Status>,
+    /// `key=value` (or `key`): every one must match.
+    pub tags: Vec<(String, Option<String>)>,
+    pub limit: u32,
+    pub after: Option<RunPosition>,
+}
+
+/// Where a run sits in the listing order (newest first: start time, then name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPosition {
+    pub started_us: i64,
+    pub name: String,
+}
+
+impl RunPosition {
+    pub fn of(run: &Run) -> Self {
+        RunPosition {
+            started_us: run_started_us(run),
+            name: run.name.clone(),
+        }
+    }
+
+    /// The opaque cursor a client passes back: `<started_us>.<name>`, hex-encoded.
+    pub fn to_cursor(&self) -> String {
+        format!("{}.{}", self.started_us, self.name)
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    pub fn from_cursor(cursor: &str) -> Option<Self> {
+        if cursor.len() % 2 != 0 || cursor.len() > 512 {
+            return None;
+        }
+        let bytes: Option<Vec<u8>> = (0..cursor.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(cursor.get(i..i + 2)?, 16).ok())
+            .collect();
+        let text = String::from_utf8(bytes?).ok()?;
+        let (us, name) = text.split_once('.')?;
+        Some(RunPosition {
+            started_us: us.parse().ok()?,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The start of a run in microseconds: recorded with the call, or its executed time.
+pub fn run_started_us(run: &Run) -> i64 {
+    run.call
+        .as_ref()
+        .map(|c| c.started_us)
+        .unwrap_or(run.executed_time * 1_000_000)
+}
+
+/// A run's tags as one string, `|k=v|k2=v2|`, which `LIKE '%|k=v|%'` (or `'%|k=%'`)
+/// matches: one tag filter that every backend can run.
+pub fn tags_key(run: &Run) -> String {
+    let mut key = String::from("|");
+    for tag in &run.tags {
+        key.push_str(&tag.key.replace('|', "/"));
+        key.push('=');
+        key.push_str(&tag.value.replace('|', "/"));
+        key.push('|');
+    }
+    key
+}
+
+/// The `LIKE` pattern of one tag filter; `\` is the escape character.
+pub fn tag_pattern(key: &str, value: Option<&str>) -> String {
+    let escape = |s: &str| {
+        s.replace('|', "/")
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    };
+    match value {
+        Some(v) => format!("%|{}={}|%", escape(key), escape(v)),
+        None => format!("%|{}=%", escape(key)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let p = RunPosition {
+            started_us: 1_795_570_878_123_456,
+            name: "0ac6391f-a56e-4b2e-806f-c2312e588edb".into(),
+        };
+        assert_eq!(RunPosition::from_cursor(&p.to_cursor()), Some(p));
+        assert_eq!(RunPosition::from_cursor("zz"), None);
+        assert_eq!(RunPosition::from_cursor("abc"), None);
+        assert_eq!(RunPosition::from_cursor("6162"), None);
+    }
+
+    #[test]
+    fn tag_patterns_escape_like_wildcards() {
+        assert_eq!(tag_pattern("a_b", Some("50%")), r"%|a\_b=50\%|%");
+        assert_eq!(tag_pattern("k", None), "%|k=%");
+    }
 }

@@ -8,16 +8,29 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Store, StoreError};
-use crate::model::Function;
+use super::{RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
+use crate::model::{Function, Run};
 
 /// Schema versions, in order; `PRAGMA user_version` says how many have run.
-const MIGRATIONS: &[&str] = &["CREATE TABLE functions (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE functions (
         name TEXT PRIMARY KEY,
         spec TEXT NOT NULL,
         created_time INTEGER NOT NULL,
         modified_time INTEGER NOT NULL
-    );"];
+    );",
+    // Runs outlive their functions: no foreign key. `tags` is `tags_key` (see store/mod.rs).
+    "CREATE TABLE runs (
+        name TEXT PRIMARY KEY,
+        function_name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_us INTEGER NOT NULL,
+        tags TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX runs_by_start ON runs (started_us DESC, name DESC);
+    CREATE INDEX runs_by_function ON runs (function_name, started_us DESC, name DESC);",
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -167,6 +180,105 @@ impl Store for SqliteStore {
                 return Err(StoreError::NotFound(format!("function \"{name}\"")));
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
+        let rows = runs
+            .iter()
+            .map(|run| {
+                Ok((
+                    run.name.clone(),
+                    run.function_name.clone(),
+                    run.status.as_str(),
+                    run_started_us(run),
+                    tags_key(run),
+                    serde_json::to_string(run).map_err(backend)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.with(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(backend)?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
+                           status = excluded.status, started_us = excluded.started_us,
+                           tags = excluded.tags, record = excluded.record",
+                    )
+                    .map_err(backend)?;
+                for row in &rows {
+                    insert
+                        .execute(params![row.0, row.1, row.2, row.3, row.4, row.5])
+                        .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_run(&self, name: &str) -> Result<Option<Run>, StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            let record: Option<String> = conn
+                .query_row("SELECT record FROM runs WHERE name = ?1", [&name], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(backend)?;
+            record
+                .map(|r| serde_json::from_str(&r).map_err(backend))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError> {
+        let query = query.clone();
+        self.with(move |conn| {
+            let mut sql = String::from("SELECT record FROM runs WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let mut bind = |sql: &mut String, clause: &str, value: rusqlite::types::Value| {
+                args.push(value);
+                sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+            };
+            if let Some(f) = &query.function_name {
+                bind(&mut sql, " AND function_name = ?", f.clone().into());
+            }
+            if let Some(since) = query.since {
+                bind(&mut sql, " AND started_us >= ?", (since * 1_000_000).into());
+            }
+            if let Some(status) = query.status {
+                bind(
+                    &mut sql,
+                    " AND status = ?",
+                    status.as_str().to_string().into(),
+                );
+            }
+            for (key, value) in &query.tags {
+                let pattern = tag_pattern(key, value.as_deref());
+                bind(&mut sql, " AND tags LIKE ? ESCAPE '\\'", pattern.into());
+            }
+            if let Some(after) = &query.after {
+                bind(&mut sql, " AND (started_us < ?", after.started_us.into());
+                bind(&mut sql, " OR (started_us = ?", after.started_us.into());
+                bind(&mut sql, " AND name < ?))", after.name.clone().into());
+            }
+            bind(
+                &mut sql,
+                " ORDER BY started_us DESC, name DESC LIMIT ?",
+                i64::from(query.limit).into(),
+            );
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))
+                .map_err(backend)?;
+            rows.map(|row| serde_json::from_str(&row.map_err(backend)?).map_err(backend))
+                .collect()
         })
         .await
     }

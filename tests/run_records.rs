@@ -1,0 +1,249 @@
+//! Run records: every Dispatch run is recorded, listed newest first a page at a time,
+//! found by name, kept after its function is gone and after a restart, and flushed on
+//! SIGTERM.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn gateway_with_envelope_function(env: &[(&str, &str)]) -> (Gateway, Upstream) {
+    let up = Upstream::start(Behavior::Envelope).await;
+    let gw = Gateway::start_with(env).await;
+    let dispatch = json!({"upstream": {"protocol": "dispatch"}});
+    gw.register(&function("hello", &[up.addr], dispatch)).await;
+    (gw, up)
+}
+
+fn names(runs: &Value) -> Vec<String> {
+    runs.as_array()
+        .expect("a list of runs")
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dispatch_run_is_recorded_and_found_by_name() {
+    let (gw, _up) = gateway_with_envelope_function(&[]).await;
+    let ran = gw.run("hello", json!({"name": "Jon"})).await.json();
+    let failed = gw.run("hello", json!({"fail": true})).await.json();
+    assert_eq!(failed["status"], "ERROR");
+
+    let listed = gw.get("/v1/runs").await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let runs = listed.json();
+    // Newest first.
+    assert_eq!(
+        names(&runs),
+        [
+            failed["name"].as_str().unwrap(),
+            ran["name"].as_str().unwrap()
+        ]
+    );
+    let first = &runs[1];
+    assert_eq!(first["functionName"], "hello");
+    assert_eq!(first["status"], "READY");
+    assert_eq!(first["input"], json!({"name": "Jon"}));
+    assert_eq!(first["output"], ran["output"]);
+    assert_eq!(first["logs"], ran["logs"]);
+    assert_eq!(first["call"]["httpStatus"], 200);
+    assert!(
+        first["call"]["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
+    assert_eq!(runs[0]["error"]["type"], "FunctionError");
+
+    let name = ran["name"].as_str().unwrap();
+    let one = gw.get(&format!("/v1/runs/{name}")).await;
+    assert_eq!(one.status, 200, "{}", one.text());
+    assert_eq!(one.json()["output"], ran["output"]);
+    let matched = gw.get(&format!("/v1/runs/{name}?functionName=hello")).await;
+    assert_eq!(matched.status, 200);
+    gw.get(&format!("/v1/runs/{name}?functionName=other"))
+        .await
+        .assert_error(404, "not-found");
+    gw.get("/v1/runs/no-such-run")
+        .await
+        .assert_error(404, "not-found");
+
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value("dispatch_run_records_written_total", &[]),
+        2.0,
+        "{}",
+        m.text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_give_every_run_once_while_new_runs_arrive() {
+    let (gw, _up) = gateway_with_envelope_function(&[]).await;
+    let mut made = Vec::new();
+    for i in 0..25 {
+        made.push(
+            gw.run("hello", json!({"i": i})).await.json()["name"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/runs?functionName=hello&limit=10".to_string();
+    let mut pages = 0;
+    loop {
+        let page = gw.get(&path).await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        seen.extend(names(&page.json()));
+        pages += 1;
+        // A run made between pages is newer than every listed one: later pages skip it.
+        gw.run("hello", json!({"late": pages})).await;
+        match page.header("x-next-cursor") {
+            Some(cursor) => path = format!("/v1/runs?functionName=hello&limit=10&cursor={cursor}"),
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    made.reverse();
+    assert_eq!(seen, made, "each run once, newest first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_filtered_by_function_status_tags_and_time() {
+    let (gw, up) = gateway_with_envelope_function(&[]).await;
+    let dispatch = json!({"upstream": {"protocol": "dispatch"}});
+    gw.register(&function("other", &[up.addr], dispatch)).await;
+    gw.run("hello", json!({})).await;
+    gw.run("hello", json!({"fail": true})).await;
+    gw.run("other", json!({})).await;
+    let tagged = gw
+        .post_json(
+            "/v1/runs?functionName=other",
+            &json!({"blocking": true, "input": {}, "tags": [{"key": "team", "value": "50%_off"}]}),
+        )
+        .await
+        .json();
+
+    let count = |path: String| {
+        let gw = &gw;
+        async move {
+            let reply = gw.get(&path).await;
+            assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+            reply.json().as_array().unwrap().len()
+        }
+    };
+    assert_eq!(count("/v1/runs?functionName=hello".into()).await, 2);
+    assert_eq!(count("/v1/runs?status=ERROR".into()).await, 1);
+    assert_eq!(
+        count("/v1/runs?functionName=other&status=READY".into()).await,
+        2
+    );
+    let one = gw.get("/v1/runs?tags=team%3D50%25_off").await.json();
+    assert_eq!(names(&one), [tagged["name"].as_str().unwrap()]);
+    assert_eq!(count("/v1/runs?tags=team".into()).await, 1);
+    assert_eq!(count("/v1/runs?tags=team%3D50%25%25off".into()).await, 0);
+    assert_eq!(count("/v1/runs?since=0".into()).await, 4);
+    assert_eq!(count("/v1/runs?since=4102444800".into()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_listing_parameters_are_400_naming_them() {
+    let gw = Gateway::start().await;
+    for (query, named) in [
+        ("since=yesterday", "since"),
+        ("since=-5", "since"),
+        ("limit=0", "limit"),
+        ("limit=5000", "limit"),
+        ("limit=ten", "limit"),
+        ("status=DONE", "status"),
+        ("cursor=xyz", "cursor"),
+        ("tags=%3Dv", "tags"),
+    ] {
+        let message = gw
+            .get(&format!("/v1/runs?{query}"))
+            .await
+            .assert_error(400, "bad-request");
+        assert!(message.starts_with(named), "{query}: {message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_outlives_its_function_and_a_restart() {
+    let (mut gw, _up) = gateway_with_envelope_function(&[]).await;
+    let name = gw.run("hello", json!({"name": "Arya"})).await.json()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(gw.delete("/v1/function/hello").await.status, 200);
+    assert_eq!(gw.get(&format!("/v1/runs/{name}")).await.status, 200);
+    gw.restart().await;
+    let after = gw.get(&format!("/v1/runs/{name}")).await;
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert_eq!(after.json()["input"], json!({"name": "Arya"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_inputs_and_outputs_are_cut_and_flagged_in_the_record_only() {
+    let (gw, _up) = gateway_with_envelope_function(&[("DISPATCH_RECORDS_BODY_BYTES", "100")]).await;
+    let long = "x".repeat(500);
+    let ran = gw.run("hello", json!({"name": long})).await.json();
+    // The caller gets the whole run.
+    assert_eq!(ran["input"]["name"].as_str().unwrap().len(), 500);
+    let stored = gw
+        .get(&format!("/v1/runs/{}", ran["name"].as_str().unwrap()))
+        .await
+        .json();
+    let kept = stored["input"]
+        .as_str()
+        .expect("a cut input is kept as text");
+    assert!(
+        kept.len() <= 100 && kept.starts_with("{\"name\":\"xxx"),
+        "{kept}"
+    );
+    assert_eq!(stored["call"]["inputTruncated"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_writes_every_queued_record_before_exit() {
+    // Runs answer without waiting for their records, and the writer takes one run per
+    // transaction: at SIGTERM, records are still queued.
+    let (mut gw, _up) = gateway_with_envelope_function(&[
+        ("DISPATCH_RECORDS_BATCH", "1"),
+        ("DISPATCH_RECORDS_WAIT_MS", "0"),
+    ])
+    .await;
+    let mut calls = Vec::new();
+    for i in 0..200 {
+        let addr = gw.addr;
+        calls.push(tokio::spawn(async move {
+            let body = serde_json::to_vec(&json!({"blocking": true, "input": {"i": i}})).unwrap();
+            request(
+                addr,
+                hyper::Method::POST,
+                "/v1/runs?functionName=hello",
+                &[],
+                body.into(),
+            )
+            .await
+        }));
+    }
+    let mut answered = HashSet::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        let reply = call.await.unwrap();
+        assert_eq!(reply.status, 200, "run {i}: {}", reply.text());
+        answered.insert(reply.json()["name"].as_str().unwrap().to_string());
+    }
+    gw.terminate();
+    let status = gw.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit: {status:?}\n{}", gw.log());
+    gw.start_again().await;
+    let listed = gw.get("/v1/runs?limit=1000").await.json();
+    let stored: HashSet<String> = names(&listed).into_iter().collect();
+    assert_eq!(stored.len(), answered.len());
+    assert_eq!(stored, answered, "every answered run is recorded");
+}

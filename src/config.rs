@@ -17,6 +17,7 @@ pub const DEFAULTS: &str = include_str!("../config/dispatch.toml");
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub store: StoreConfig,
     pub limits: LimitsConfig,
     pub upstream: UpstreamConfig,
     pub records: RecordsConfig,
@@ -62,11 +63,20 @@ pub struct UpstreamConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RecordsConfig {
     pub queue: usize,
     pub batch: usize,
     pub wait_ms: u64,
     pub body_bytes: usize,
+    pub retention_seconds: u64,
+    pub max_runs: u64,
+    pub prune_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,8 +156,18 @@ impl Config {
         if self.upstream.connect_timeout_ms == 0 {
             return bad("upstream.connect_timeout_ms", "must be greater than 0");
         }
+        let url = &self.store.url;
+        if !url.is_empty() && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return bad(
+                "store.url",
+                "must be empty (SQLite in the data dir) or a postgres:// URL",
+            );
+        }
         if self.records.queue == 0 {
             return bad("records.queue", "must be at least 1");
+        }
+        if self.records.prune_seconds == 0 {
+            return bad("records.prune_seconds", "must be at least 1");
         }
         if self.records.batch == 0 {
             return bad("records.batch", "must be at least 1");

@@ -112,6 +112,27 @@ impl Writer {
     }
 }
 
+/// Removes old runs every `records.prune_seconds`: older than `records.retention_seconds`,
+/// and beyond the newest `records.max_runs`. Runs until the process ends.
+pub fn spawn_retention(store: Arc<dyn Store>, config: &RecordsConfig) -> JoinHandle<()> {
+    let every = Duration::from_secs(config.prune_seconds);
+    let max_age = (config.retention_seconds > 0).then_some(config.retention_seconds as i64);
+    let keep = (config.max_runs > 0).then_some(config.max_runs);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let before = max_age.map(|age| (crate::model::unix_now() - age) * 1_000_000);
+            match store.prune_runs(before, keep).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "old run records removed"),
+                Err(e) => tracing::warn!(error = %e, "removing old run records failed"),
+            }
+        }
+    })
+}
+
 /// Replaces `value` by the start of its JSON text when that is longer than `limit` bytes.
 fn cut(value: &mut Value, limit: usize) -> bool {
     if matches!(value, Value::Null | Value::Bool(_) | Value::Number(_)) {

@@ -20,9 +20,10 @@ use crate::config::Config;
 use crate::invoke::Invoker;
 use crate::invoke::headers::Peer;
 use crate::metrics::Metrics;
-use crate::records::{Recorder, Writer};
+use crate::records::{self, Recorder, Writer};
 use crate::registry::Registry;
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 
 /// Why the server could not start; the message names the path, address or key.
@@ -37,18 +38,18 @@ pub struct Server {
     drain: Duration,
     /// The run record writer, flushed after the drain.
     writer: Writer,
+    store_name: String,
 }
 
 impl Server {
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let store = SqliteStore::open(&config.server.data_dir)
-            .map_err(|e| StartError(format!("store: {e}")))?;
+        let (store, store_name) = open_store(&config).await?;
         let registry = Arc::new(Registry::new(&config, metrics.clone()));
         let functions = store
             .list_functions()
             .await
-            .map_err(|e| StartError(format!("store {}: {e}", store.path.display())))?;
+            .map_err(|e| StartError(format!("store {store_name}: {e}")))?;
         for function in functions {
             let name = function.name.clone();
             match registry.prepare(function) {
@@ -62,8 +63,9 @@ impl Server {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| StartError(format!("server.listen: cannot listen on {listen}: {e}")))?;
-        let store: Arc<dyn Store> = Arc::new(store);
+
         let (recorder, writer) = Recorder::start(store.clone(), &config.records, metrics.records());
+        records::spawn_retention(store.clone(), &config.records);
         let invoker = Invoker::new(
             registry.clone(),
             config.limits.clone(),
@@ -85,7 +87,13 @@ impl Server {
             listener,
             drain,
             writer,
+            store_name,
         })
+    }
+
+    /// The store, as the start-up line shows it (never with a password).
+    pub fn store_name(&self) -> &str {
+        &self.store_name
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -101,6 +109,7 @@ impl Server {
             listener,
             drain,
             writer,
+            ..
         } = self;
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
@@ -149,6 +158,22 @@ impl Server {
         writer.flush_and_stop().await;
         tracing::info!("run records flushed");
     }
+}
+
+/// The configured store: SQLite in the data dir, or PostgreSQL at `store.url`. Also gives
+/// its name for messages (a PostgreSQL URL without its password).
+async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, String), StartError> {
+    if config.store.url.is_empty() {
+        let store = SqliteStore::open(&config.server.data_dir)
+            .map_err(|e| StartError(format!("store: {e}")))?;
+        let name = format!("sqlite {}", store.path.display());
+        return Ok((Arc::new(store), name));
+    }
+    let store = PostgresStore::connect(&config.store.url)
+        .await
+        .map_err(|e| StartError(format!("store.url: {e}")))?;
+    let name = store.url().to_string();
+    Ok((Arc::new(store), name))
 }
 
 /// Resolves on SIGTERM or SIGINT.

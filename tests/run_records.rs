@@ -247,3 +247,49 @@ async fn sigterm_writes_every_queued_record_before_exit() {
     assert_eq!(stored.len(), answered.len());
     assert_eq!(stored, answered, "every answered run is recorded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_runs_and_functions_survive_a_restart() {
+    let db = common::pg::TestDatabase::create().await;
+    let url = db.url();
+    let (mut gw, _up) = gateway_with_envelope_function(&[("DISPATCH_STORE_URL", &url)]).await;
+    let ran = gw.run("hello", json!({"name": "Sansa"})).await.json();
+    assert_eq!(ran["status"], "READY", "{ran}");
+    let listed = gw.get("/v1/runs").await.json();
+    assert_eq!(names(&listed), [ran["name"].as_str().unwrap()]);
+    gw.restart().await;
+    let after = gw
+        .get(&format!("/v1/runs/{}", ran["name"].as_str().unwrap()))
+        .await;
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert_eq!(after.json()["input"], json!({"name": "Sansa"}));
+    assert_eq!(gw.get("/v1/function/hello").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_runs_are_removed_by_the_retention_task() {
+    let (gw, _up) = gateway_with_envelope_function(&[
+        ("DISPATCH_RECORDS_MAX_RUNS", "3"),
+        ("DISPATCH_RECORDS_PRUNE_SECONDS", "1"),
+    ])
+    .await;
+    let mut made = Vec::new();
+    for i in 0..6 {
+        made.push(
+            gw.run("hello", json!({"i": i})).await.json()["name"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let newest: Vec<String> = made[3..].iter().rev().cloned().collect();
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = names(&gw.get("/v1/runs").await.json());
+        if listed == newest {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed, newest, "only the newest 3 are kept");
+}

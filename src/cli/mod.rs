@@ -83,7 +83,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let data_dir = config.server.data_dir.clone();
         let server = match Server::start(config).await {
             Ok(server) => server,
             Err(e) => {
@@ -93,9 +92,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         // One line on stdout, for people and for scripts that start on port 0.
         println!(
-            "dispatch: listening on http://{} (data in {})",
+            "dispatch: listening on http://{} (store: {})",
             server.local_addr(),
-            data_dir.display()
+            server.store_name()
         );
         server.run(shutdown_signal()).await;
         ExitCode::SUCCESS

@@ -3,6 +3,7 @@
 //! APIs, secrets and subscriptions will live here too. The hot path never queries the
 //! store: the registry caches what it needs.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -50,6 +51,13 @@ pub trait Store: Send + Sync {
     async fn get_run(&self, name: &str) -> Result<Option<Run>, StoreError>;
     /// Runs matching `query`, newest first (start time, then name), at most `query.limit`.
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError>;
+    /// Removes the runs that started before `started_before_us`, then all but the newest
+    /// `keep` (each when given). Returns how many were removed.
+    async fn prune_runs(
+        &self,
+        started_before_us: Option<i64>,
+        keep: Option<u64>,
+    ) -> Result<u64, StoreError>;
 }
 
 /// Which runs to list. `after` is the position of the last run of the previous page:

@@ -283,6 +283,32 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn prune_runs(
+        &self,
+        started_before_us: Option<i64>,
+        keep: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        self.with(move |conn| {
+            let mut removed = 0;
+            if let Some(before) = started_before_us {
+                removed += conn
+                    .execute("DELETE FROM runs WHERE started_us < ?1", [before])
+                    .map_err(backend)?;
+            }
+            if let Some(keep) = keep {
+                removed += conn
+                    .execute(
+                        "DELETE FROM runs WHERE name IN (SELECT name FROM runs
+                         ORDER BY started_us DESC, name DESC LIMIT -1 OFFSET ?1)",
+                        [i64::try_from(keep).unwrap_or(i64::MAX)],
+                    )
+                    .map_err(backend)?;
+            }
+            Ok(removed as u64)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
             .await

@@ -6,6 +6,8 @@
 //! Each test file compiles this module on its own and uses part of it.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -285,9 +287,13 @@ fn spawn_blocking(
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| format!("unexpected first line: {line:?}"))?;
+    let sqlite_here = format!(
+        "(store: sqlite {})",
+        dir.join("data").join("dispatch.db").display()
+    );
     assert!(
-        line.contains(&format!("(data in {})", dir.join("data").display())),
-        "the listening line names the data dir: {line}"
+        line.contains(&sqlite_here) || line.contains("(store: postgres://"),
+        "the listening line names the store: {line}"
     );
     Ok((child, addr))
 }

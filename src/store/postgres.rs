@@ -1,0 +1,493 @@
+//! The PostgreSQL store, for several gateway replicas sharing their registrations and runs.
+//! It behaves as the SQLite store does (same tables, same errors, same run order), so the
+//! rest of the gateway cannot tell them apart. Calls go through a pool of connections, so
+//! concurrent calls don't wait on each other; migrations run at start-up under an advisory
+//! lock, so gateways starting together apply each version once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use tokio_postgres::NoTls;
+use tokio_postgres::config::Host;
+use tokio_postgres::types::ToSql;
+
+use super::{RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
+use crate::model::{Function, Run};
+
+/// Schema versions, in order; `schema_migrations` holds the versions that have run.
+/// Names compare byte by byte (`COLLATE "C"`), as SQLite's do, so runs list in the same
+/// order on both backends whatever the database's locale.
+const MIGRATIONS: &[&str] = &[
+    r#"CREATE TABLE functions (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        spec TEXT NOT NULL,
+        created_time BIGINT NOT NULL,
+        modified_time BIGINT NOT NULL
+    );"#,
+    // Runs outlive their functions: no foreign key. `tags` is `tags_key` (see store/mod.rs).
+    r#"CREATE TABLE runs (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        function_name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_us BIGINT NOT NULL,
+        tags TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX runs_by_start ON runs (started_us DESC, name DESC);
+    CREATE INDEX runs_by_function ON runs (function_name, started_us DESC, name DESC);"#,
+];
+
+/// The advisory lock that serializes migrations between gateways: "dispatch" in ASCII.
+const MIGRATION_LOCK: i64 = 0x6469_7370_6174_6368;
+
+/// Connections kept open to the database. The store is control-plane only, and several
+/// gateways share the server's `max_connections` (100 by default).
+const POOL_SIZE: usize = 16;
+
+/// How long a call waits for a connection (or to make one) before it fails, so that
+/// `/readyz` answers while the database is away instead of hanging.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    /// The URL without its password, for messages.
+    url: String,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Backend(chain(&e))
+}
+
+/// An error and its sources, `: `-separated. tokio-postgres's own message is only the
+/// kind ("db error"); what the server said, or why the socket failed, is in the source.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/db` or
+    /// `host=... user=...`) and brings its schema up to date.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+            backend(format!(
+                "invalid PostgreSQL URL {}: {}",
+                redact_unparsed(url),
+                chain(&e)
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let shown = describe(&config);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| backend(format!("cannot connect to {shown}: {e}")))?;
+        let store = PostgresStore { pool, url: shown };
+        let mut client = store.client().await?;
+        migrate(&mut client)
+            .await
+            .map_err(|e| backend(format!("{}: migration: {}", store.url, chain(&e))))?;
+        Ok(store)
+    }
+
+    /// The database's URL without its password.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| {
+            let why = match e {
+                PoolError::Backend(e) => chain(&e),
+                PoolError::Timeout(_) => "timed out".to_string(),
+                e => e.to_string(),
+            };
+            backend(format!("cannot connect to {}: {why}", self.url))
+        })
+    }
+}
+
+async fn migrate(client: &mut Object) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+         CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY);"
+    ))
+    .await?;
+    let done: i32 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[&(version as i32 + 1)],
+        )
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// `postgres://user@host:port/db` from a parsed configuration: what the URL names,
+/// without its password.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| match host {
+            Host::Tcp(name) => format!("{name}:{}", port(i)),
+            #[cfg(unix)]
+            Host::Unix(dir) => format!("{}:{}", dir.display(), port(i)),
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        format!("localhost:{}", port(0))
+    } else {
+        hosts.join(",")
+    };
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let db = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or_default();
+    format!("postgres://{user}{hosts}/{db}")
+}
+
+/// A URL that did not parse, with anything that may be a password taken out.
+fn redact_unparsed(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let rest = match rest.rsplit_once('@') {
+                Some((userinfo, hosts)) => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{user}@{hosts}")
+                }
+                None => rest.to_string(),
+            };
+            let rest = rest
+                .split_once("password=")
+                .map_or(rest.clone(), |(kept, _)| format!("{kept}password=..."));
+            format!("{scheme}://{rest}")
+        }
+        None => url
+            .split_once("password")
+            .map_or(url.to_string(), |(kept, _)| format!("{kept}password=...")),
+    }
+}
+
+fn encode(function: &Function) -> Result<String, StoreError> {
+    serde_json::to_string(function).map_err(backend)
+}
+
+/// Runs as the columns of one `INSERT ... SELECT FROM UNNEST(...)`: one statement, one
+/// round trip, however many runs are written.
+#[derive(Default)]
+struct RunColumns {
+    name: Vec<String>,
+    function_name: Vec<String>,
+    status: Vec<&'static str>,
+    started_us: Vec<i64>,
+    tags: Vec<String>,
+    record: Vec<String>,
+}
+
+impl RunColumns {
+    /// One row per run name, the last written winning, as it does in SQLite: PostgreSQL
+    /// refuses a statement that would update one row twice.
+    fn of(runs: &[Run]) -> Result<Self, StoreError> {
+        let last: HashMap<&str, usize> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, run)| (run.name.as_str(), i))
+            .collect();
+        let mut columns = RunColumns::default();
+        for (i, run) in runs.iter().enumerate() {
+            if last[run.name.as_str()] != i {
+                continue;
+            }
+            columns.name.push(run.name.clone());
+            columns.function_name.push(run.function_name.clone());
+            columns.status.push(run.status.as_str());
+            columns.started_us.push(run_started_us(run));
+            columns.tags.push(tags_key(run));
+            columns
+                .record
+                .push(serde_json::to_string(run).map_err(backend)?);
+        }
+        Ok(columns)
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn list_functions(&self) -> Result<Vec<Function>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT name, spec FROM functions ORDER BY name")
+            .await
+            .map_err(pg)?;
+        let rows = client.query(&stmt, &[]).await.map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let (name, spec): (&str, &str) = (row.get(0), row.get(1));
+                serde_json::from_str(spec)
+                    .map_err(|e| backend(format!("function \"{name}\" is unreadable: {e}")))
+            })
+            .collect()
+    }
+
+    async fn create_function(&self, function: &Function) -> Result<(), StoreError> {
+        let spec = encode(function)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO functions (name, spec, created_time, modified_time)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+            )
+            .await
+            .map_err(pg)?;
+        let added = client
+            .execute(
+                &stmt,
+                &[
+                    &function.name,
+                    &spec,
+                    &function.created_time,
+                    &function.modified_time,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        if added == 0 {
+            return Err(StoreError::Conflict(format!(
+                "function \"{}\"",
+                function.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn update_function(&self, function: &Function) -> Result<(), StoreError> {
+        let spec = encode(function)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("UPDATE functions SET spec = $2, modified_time = $3 WHERE name = $1")
+            .await
+            .map_err(pg)?;
+        let changed = client
+            .execute(&stmt, &[&function.name, &spec, &function.modified_time])
+            .await
+            .map_err(pg)?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!(
+                "function \"{}\"",
+                function.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn delete_function(&self, name: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM functions WHERE name = $1")
+            .await
+            .map_err(pg)?;
+        let changed = client.execute(&stmt, &[&name]).await.map_err(pg)?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("function \"{name}\"")));
+        }
+        Ok(())
+    }
+
+    async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let c = RunColumns::of(runs)?;
+        let client = self.client().await?;
+        // One statement is one transaction: every run is written, or none is.
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[],
+                                      $5::text[], $6::text[])
+                 ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
+                   status = excluded.status, started_us = excluded.started_us,
+                   tags = excluded.tags, record = excluded.record",
+            )
+            .await
+            .map_err(pg)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &c.name,
+                    &c.function_name,
+                    &c.status,
+                    &c.started_us,
+                    &c.tags,
+                    &c.record,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn prune_runs(
+        &self,
+        started_before_us: Option<i64>,
+        keep: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let mut removed = 0;
+        if let Some(before) = started_before_us {
+            removed += client
+                .execute("DELETE FROM runs WHERE started_us < $1", &[&before])
+                .await
+                .map_err(pg)?;
+        }
+        if let Some(keep) = keep {
+            let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+            removed += client
+                .execute(
+                    "DELETE FROM runs WHERE name IN (SELECT name FROM runs
+                     ORDER BY started_us DESC, name DESC OFFSET $1)",
+                    &[&keep],
+                )
+                .await
+                .map_err(pg)?;
+        }
+        Ok(removed)
+    }
+
+    async fn get_run(&self, name: &str) -> Result<Option<Run>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT record FROM runs WHERE name = $1")
+            .await
+            .map_err(pg)?;
+        let row = client.query_opt(&stmt, &[&name]).await.map_err(pg)?;
+        row.map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(backend))
+            .transpose()
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError> {
+        let mut sql = String::from("SELECT record FROM runs WHERE true");
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut bind = |sql: &mut String, clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+            args.push(value);
+            sql.push_str(&clause.replace('?', &format!("${}", args.len())));
+        };
+        if let Some(f) = &query.function_name {
+            bind(&mut sql, " AND function_name = ?", Box::new(f.clone()));
+        }
+        if let Some(since) = query.since {
+            bind(
+                &mut sql,
+                " AND started_us >= ?",
+                Box::new(since.saturating_mul(1_000_000)),
+            );
+        }
+        if let Some(status) = query.status {
+            bind(&mut sql, " AND status = ?", Box::new(status.as_str()));
+        }
+        for (key, value) in &query.tags {
+            let pattern = tag_pattern(key, value.as_deref());
+            bind(&mut sql, " AND tags LIKE ? ESCAPE '\\'", Box::new(pattern));
+        }
+        if let Some(after) = &query.after {
+            // A row comparison: the same order as SQLite's `started_us < ? OR (started_us = ?
+            // AND name < ?)`, in a form PostgreSQL reads straight off `runs_by_start`.
+            bind(
+                &mut sql,
+                " AND (started_us, name) < (?",
+                Box::new(after.started_us),
+            );
+            bind(&mut sql, ", ?)", Box::new(after.name.clone()));
+        }
+        bind(
+            &mut sql,
+            " ORDER BY started_us DESC, name DESC LIMIT ?",
+            Box::new(i64::from(query.limit)),
+        );
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&sql).await.map_err(pg)?;
+        let params: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = client.query(&stmt, &params).await.map_err(pg)?;
+        rows.iter()
+            .map(|row| serde_json::from_str(row.get::<_, &str>(0)).map_err(backend))
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(pg)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        let config: tokio_postgres::Config = "postgres://postgres:s3cret@127.0.0.1/dispatch"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            describe(&config),
+            "postgres://postgres@127.0.0.1:5432/dispatch"
+        );
+        let config: tokio_postgres::Config =
+            "host=db port=6432 user=gw password=s3cret".parse().unwrap();
+        assert_eq!(describe(&config), "postgres://gw@db:6432/gw");
+        let shown = redact_unparsed("postgres://gw:s3cret@db:x/dispatch");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let shown = redact_unparsed("host=db password=s3cret bogus");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+}

@@ -1,0 +1,501 @@
+//! The store's contract, run against both backends: the embedded SQLite file and the
+//! machine's PostgreSQL (127.0.0.1:5432, user `postgres`, trust auth). Each test gets a
+//! fresh store: a temporary directory, or a database of its own that is dropped when the
+//! test ends, passed or failed. Without PostgreSQL the PostgreSQL tests fail, naming it.
+
+mod common;
+
+use common::pg::TestDatabase;
+
+use std::sync::Arc;
+
+use dispatch::model::{CallFacts, Function, Run, Status, Tag};
+use dispatch::store::postgres::PostgresStore;
+use dispatch::store::sqlite::SqliteStore;
+use dispatch::store::{RunPosition, RunQuery, Store, StoreError};
+
+/// Runs each test on a SQLite store and on a PostgreSQL store. `stores` tests take the
+/// open store; `backends` tests open (and reopen) it themselves.
+macro_rules! on_both_backends {
+    (stores: [$($store_test:ident),* $(,)?], backends: [$($backend_test:ident),* $(,)?] $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $store_test() {
+                let backend = super::Backend::sqlite();
+                super::$store_test(&*backend.open().await).await;
+            })*
+            $(#[tokio::test]
+            async fn $backend_test() {
+                super::$backend_test(&super::Backend::sqlite()).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $store_test() {
+                let backend = super::Backend::postgres().await;
+                super::$store_test(&*backend.open().await).await;
+            })*
+            $(#[tokio::test]
+            async fn $backend_test() {
+                super::$backend_test(&super::Backend::postgres().await).await;
+            })*
+        }
+    };
+}
+
+on_both_backends! {
+    stores: [
+        functions_are_created_updated_and_deleted,
+        writing_a_run_twice_leaves_one_updated_record,
+        a_run_is_read_back_by_name,
+        runs_list_newest_first,
+        paging_returns_each_run_once_while_new_runs_arrive,
+        runs_filter_by_function_since_status_and_tags,
+        a_run_outlives_its_function,
+        old_runs_are_pruned_by_age_and_by_count,
+    ],
+    backends: [migrations_are_idempotent],
+}
+
+/// Where a test's store lives.
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+impl Backend {
+    fn sqlite() -> Self {
+        Backend::Sqlite(tempfile::tempdir().expect("temporary directory"))
+    }
+
+    async fn postgres() -> Self {
+        Backend::Postgres(TestDatabase::create().await)
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Backend::Sqlite(dir) => Arc::new(SqliteStore::open(dir.path()).expect("open sqlite")),
+            Backend::Postgres(db) => Arc::new(
+                PostgresStore::connect(&db.url())
+                    .await
+                    .expect("connect to postgres"),
+            ),
+        }
+    }
+}
+
+/// Microseconds: a start time well after the epoch, for runs to count from.
+const T0: i64 = 1_795_000_000_000_000;
+
+fn function(name: &str) -> Function {
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "createdTime": 1_795_000_000,
+        "modifiedTime": 1_795_000_000,
+        "upstream": {"driver": "static", "endpoints": ["http://127.0.0.1:9"]}
+    }))
+    .unwrap()
+}
+
+fn run(function: &str, started_us: i64, status: Status, tags: &[(&str, &str)]) -> Run {
+    Run {
+        name: uuid::Uuid::new_v4().to_string(),
+        function_name: function.into(),
+        status,
+        executed_time: started_us / 1_000_000,
+        tags: tags
+            .iter()
+            .map(|(key, value)| Tag {
+                key: key.to_string(),
+                value: value.to_string(),
+            })
+            .collect(),
+        call: Some(CallFacts {
+            call_id: uuid::Uuid::new_v4().to_string(),
+            http_status: 200,
+            started_us,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn names(runs: &[Run]) -> Vec<&str> {
+    runs.iter().map(|r| r.name.as_str()).collect()
+}
+
+/// `runs` in listing order: newest first, then by name, byte by byte, descending.
+fn newest_first(runs: &[Run]) -> Vec<Run> {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(|a, b| {
+        (RunPosition::of(b).started_us, &b.name).cmp(&(RunPosition::of(a).started_us, &a.name))
+    });
+    sorted
+}
+
+fn query(limit: u32) -> RunQuery {
+    RunQuery {
+        limit,
+        ..Default::default()
+    }
+}
+
+async fn functions_are_created_updated_and_deleted(store: &dyn Store) {
+    store.ping().await.unwrap();
+    assert!(store.list_functions().await.unwrap().is_empty());
+    store.create_function(&function("a")).await.unwrap();
+    match store.create_function(&function("a")).await {
+        Err(e @ StoreError::Conflict(_)) => {
+            assert_eq!(e.to_string(), "function \"a\" already exists")
+        }
+        other => panic!("a second \"a\" is a conflict, got {other:?}"),
+    }
+    let mut b = function("b");
+    store.create_function(&b).await.unwrap();
+    b.timeout = Some(50);
+    b.modified_time = 1_795_000_060;
+    store.update_function(&b).await.unwrap();
+
+    let all = store.list_functions().await.unwrap();
+    assert_eq!(
+        all.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(all[1], b);
+
+    match store.update_function(&function("zz")).await {
+        Err(e @ StoreError::NotFound(_)) => assert_eq!(e.to_string(), "function \"zz\" not found"),
+        other => panic!("updating \"zz\" is not found, got {other:?}"),
+    }
+    store.delete_function("a").await.unwrap();
+    assert!(matches!(
+        store.delete_function("a").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let all = store.list_functions().await.unwrap();
+    assert_eq!(all, [b]);
+}
+
+async fn writing_a_run_twice_leaves_one_updated_record(store: &dyn Store) {
+    let mut r = run("f", T0, Status::Ready, &[]);
+    store.put_runs(&[r.clone()]).await.unwrap();
+    store.put_runs(&[r.clone()]).await.unwrap();
+    assert_eq!(store.list_runs(&query(10)).await.unwrap(), [r.clone()]);
+
+    r.status = Status::Error;
+    r.output = serde_json::json!({"answer": 42});
+    store.put_runs(&[r.clone()]).await.unwrap();
+    assert_eq!(store.list_runs(&query(10)).await.unwrap(), [r.clone()]);
+
+    // The same run twice in one batch: the later write wins.
+    let mut later = r.clone();
+    later.finished_time = 1_795_000_009;
+    store.put_runs(&[r.clone(), later.clone()]).await.unwrap();
+    assert_eq!(store.list_runs(&query(10)).await.unwrap(), [later]);
+}
+
+async fn a_run_is_read_back_by_name(store: &dyn Store) {
+    let mut r = run("f", T0, Status::Ready, &[("env", "prod")]);
+    r.input = serde_json::json!({"name": "Jon"});
+    r.output = serde_json::json!({"myField": "Hello, Jon"});
+    r.logs.stdout = vec!["hello".into()];
+    let other = run("f", T0 + 1, Status::Ready, &[]);
+    store.put_runs(&[r.clone(), other]).await.unwrap();
+    assert_eq!(store.get_run(&r.name).await.unwrap(), Some(r));
+    assert_eq!(store.get_run("no-such-run").await.unwrap(), None);
+}
+
+async fn runs_list_newest_first(store: &dyn Store) {
+    // Out of order, and two pairs started in the same microsecond: ties go by name.
+    let runs = [
+        run("f", T0 + 5, Status::Ready, &[]),
+        run("f", T0 + 1, Status::Ready, &[]),
+        run("f", T0 + 9, Status::Ready, &[]),
+        run("f", T0 + 5, Status::Ready, &[]),
+        run("f", T0 + 1, Status::Ready, &[]),
+        run("f", T0 + 7, Status::Ready, &[]),
+    ];
+    store.put_runs(&runs).await.unwrap();
+    let expected = newest_first(&runs);
+    let listed = store.list_runs(&query(100)).await.unwrap();
+    assert_eq!(names(&listed), names(&expected));
+    let listed = store.list_runs(&query(2)).await.unwrap();
+    assert_eq!(names(&listed), names(&expected[..2]));
+}
+
+async fn paging_returns_each_run_once_while_new_runs_arrive(store: &dyn Store) {
+    // 25 runs, in pairs that started in the same microsecond, so pages split ties.
+    let runs: Vec<Run> = (0..25)
+        .map(|i| run("f", T0 + i / 2, Status::Ready, &[]))
+        .collect();
+    store.put_runs(&runs).await.unwrap();
+    let expected = newest_first(&runs);
+
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_runs(&RunQuery {
+                limit: 10,
+                after: after.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        pages.push(page.len());
+        let Some(last) = page.last() else { break };
+        after = Some(RunPosition::of(last));
+        seen.extend(page.iter().map(|r| r.name.clone()));
+        // Newer runs arrive between pages: they belong before the first page, not later.
+        let newer: Vec<Run> = (0..3)
+            .map(|i| run("f", T0 + 1_000 + i, Status::Ready, &[]))
+            .collect();
+        store.put_runs(&newer).await.unwrap();
+    }
+    assert_eq!(pages, [10, 10, 5, 0]);
+    assert_eq!(seen, names(&expected));
+}
+
+async fn runs_filter_by_function_since_status_and_tags(store: &dyn Store) {
+    let since = T0 / 1_000_000 + 100;
+    let old = run(
+        "f1",
+        since * 1_000_000 - 1,
+        Status::Ready,
+        &[("env", "prod")],
+    );
+    let at_since = run("f1", since * 1_000_000, Status::Ready, &[("env", "prod")]);
+    let failed = run(
+        "f2",
+        since * 1_000_000 + 5,
+        Status::Error,
+        &[("env", "dev"), ("team", "a_b")],
+    );
+    let near_team = run(
+        "f2",
+        since * 1_000_000 + 6,
+        Status::Ready,
+        &[("team", "axb")],
+    );
+    let percent = run(
+        "f1",
+        since * 1_000_000 + 7,
+        Status::Ready,
+        &[("load", "50%")],
+    );
+    let near_percent = run(
+        "f1",
+        since * 1_000_000 + 8,
+        Status::Ready,
+        &[("load", "500")],
+    );
+    let all = [
+        old.clone(),
+        at_since.clone(),
+        failed.clone(),
+        near_team.clone(),
+        percent.clone(),
+        near_percent.clone(),
+    ];
+    store.put_runs(&all).await.unwrap();
+
+    let list = |q: RunQuery| async move {
+        let runs = store
+            .list_runs(&RunQuery { limit: 100, ..q })
+            .await
+            .unwrap();
+        runs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+    };
+    let expect = |runs: &[&Run]| {
+        let owned: Vec<Run> = runs.iter().map(|r| (*r).clone()).collect();
+        newest_first(&owned)
+            .into_iter()
+            .map(|r| r.name)
+            .collect::<Vec<_>>()
+    };
+    let tags = |tags: &[(&str, Option<&str>)]| {
+        tags.iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect::<Vec<_>>()
+    };
+
+    assert_eq!(
+        list(RunQuery {
+            function_name: Some("f1".into()),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&old, &at_since, &percent, &near_percent])
+    );
+    assert_eq!(
+        list(RunQuery {
+            since: Some(since),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&at_since, &failed, &near_team, &percent, &near_percent])
+    );
+    assert_eq!(
+        list(RunQuery {
+            status: Some(Status::Error),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&failed])
+    );
+    assert_eq!(
+        list(RunQuery {
+            tags: tags(&[("env", Some("prod"))]),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&old, &at_since])
+    );
+    assert_eq!(
+        list(RunQuery {
+            tags: tags(&[("team", None)]),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&failed, &near_team])
+    );
+    // `_` and `%` in a filter are literal characters, not LIKE wildcards.
+    assert_eq!(
+        list(RunQuery {
+            tags: tags(&[("team", Some("a_b"))]),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&failed])
+    );
+    assert_eq!(
+        list(RunQuery {
+            tags: tags(&[("load", Some("50%"))]),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&percent])
+    );
+    assert_eq!(
+        list(RunQuery {
+            tags: tags(&[("t_am", None)]),
+            ..Default::default()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+    // Every filter must hold.
+    assert_eq!(
+        list(RunQuery {
+            function_name: Some("f2".into()),
+            status: Some(Status::Error),
+            since: Some(since),
+            tags: tags(&[("env", Some("dev")), ("team", Some("a_b"))]),
+            ..Default::default()
+        })
+        .await,
+        expect(&[&failed])
+    );
+    assert_eq!(
+        list(RunQuery {
+            function_name: Some("f1".into()),
+            tags: tags(&[("env", Some("dev"))]),
+            ..Default::default()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+}
+
+async fn a_run_outlives_its_function(store: &dyn Store) {
+    store.create_function(&function("f")).await.unwrap();
+    let r = run("f", T0, Status::Ready, &[]);
+    store.put_runs(std::slice::from_ref(&r)).await.unwrap();
+    store.delete_function("f").await.unwrap();
+    assert_eq!(store.get_run(&r.name).await.unwrap(), Some(r.clone()));
+    let by_function = store
+        .list_runs(&RunQuery {
+            function_name: Some("f".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_function, [r]);
+}
+
+async fn old_runs_are_pruned_by_age_and_by_count(store: &dyn Store) {
+    let runs: Vec<Run> = (0..10)
+        .map(|i| run("f", T0 + i * 1_000_000, Status::Ready, &[]))
+        .collect();
+    store.put_runs(&runs).await.unwrap();
+    let left = |n: usize| {
+        let names: Vec<String> = runs[10 - n..]
+            .iter()
+            .rev()
+            .map(|r| r.name.clone())
+            .collect();
+        names
+    };
+    let listed = || async {
+        store
+            .list_runs(&RunQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect::<Vec<_>>()
+    };
+    // Older than the 3rd run: the first two go.
+    assert_eq!(
+        store.prune_runs(Some(T0 + 2_000_000), None).await.unwrap(),
+        2
+    );
+    assert_eq!(listed().await, left(8));
+    // Keep the newest 5.
+    assert_eq!(store.prune_runs(None, Some(5)).await.unwrap(), 3);
+    assert_eq!(listed().await, left(5));
+    // Nothing left to remove.
+    assert_eq!(store.prune_runs(Some(T0), Some(5)).await.unwrap(), 0);
+}
+
+async fn migrations_are_idempotent(backend: &Backend) {
+    // Several gateways starting at once on a fresh store.
+    let (a, b, c) = tokio::join!(backend.open(), backend.open(), backend.open());
+    a.create_function(&function("f")).await.unwrap();
+    let r = run("f", T0, Status::Ready, &[]);
+    b.put_runs(std::slice::from_ref(&r)).await.unwrap();
+    assert_eq!(c.list_functions().await.unwrap(), [function("f")]);
+    drop((a, b, c));
+
+    let again = backend.open().await;
+    assert_eq!(again.list_functions().await.unwrap(), [function("f")]);
+    assert_eq!(again.get_run(&r.name).await.unwrap(), Some(r));
+}
+
+#[tokio::test]
+async fn postgres_connect_errors_name_the_url_without_its_password() {
+    let Err(e) = PostgresStore::connect("postgres://postgres:s3cret@127.0.0.1:1/dispatch").await
+    else {
+        panic!("nothing listens on port 1");
+    };
+    let message = e.to_string();
+    assert!(
+        message.starts_with("cannot connect to postgres://postgres@127.0.0.1:1/dispatch: "),
+        "{message}"
+    );
+    assert!(message.contains("refused"), "says why: {message}");
+    assert!(!message.contains("s3cret"), "{message}");
+}
+
+#[tokio::test]
+async fn postgres_names_its_url_without_its_password() {
+    let db = TestDatabase::create().await;
+    let url = db.url().replace("postgres@", "postgres:unused@");
+    let store = PostgresStore::connect(&url).await.unwrap();
+    assert_eq!(store.url(), db.url());
+}

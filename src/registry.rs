@@ -2,6 +2,8 @@
 //! [`FunctionEntry`] (endpoints resolved to their pools, limiter built, metric handles
 //! resolved). The store is the source of truth; the control API writes the store first,
 //! then the registry. A call's lookup is one sharded read in a `DashMap`, no store query.
+//! With a store that several gateways share, [`Registry::follow`] applies the changes the
+//! others make (PostgreSQL LISTEN/NOTIFY).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use crate::invoke::limit::Limiter;
 use crate::invoke::pool::Pools;
 use crate::metrics::{FunctionMetrics, Metrics};
 use crate::model::{Function, Protocol};
+use crate::store::{FunctionChange, Store};
 
 /// A function ready to be called.
 pub struct FunctionEntry {
@@ -101,6 +104,19 @@ impl Registry {
         })
     }
 
+    /// Publishes a function read from the store, unless it is what the registry has already.
+    /// A stored function that cannot be prepared is left out, with a warning.
+    pub fn load(&self, function: Function) {
+        if self.get(&function.name).is_some_and(|e| e.spec == function) {
+            return;
+        }
+        let name = function.name.clone();
+        match self.prepare(function) {
+            Ok(entry) => self.insert(entry),
+            Err(e) => tracing::warn!(function = %name, error = %e, "stored function not loaded"),
+        }
+    }
+
     /// Publishes an entry; calls that already hold the old one finish on it.
     pub fn insert(&self, entry: FunctionEntry) {
         self.functions
@@ -124,6 +140,45 @@ impl Registry {
         let mut all: Vec<Function> = self.functions.iter().map(|e| e.spec.clone()).collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
+    }
+
+    /// Keeps the registry in step with a store that other gateways share: each change
+    /// is read back from the store, the source of truth, and a resync reads everything.
+    pub async fn follow(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<FunctionChange>,
+    ) {
+        while let Some(change) = changes.recv().await {
+            match change {
+                FunctionChange::Changed(name) => match store.get_function(&name).await {
+                    Ok(Some(function)) => self.load(function),
+                    Ok(None) => {
+                        self.remove(&name);
+                    }
+                    Err(e) => {
+                        tracing::warn!(function = %name, error = %e, "reading a changed function failed")
+                    }
+                },
+                FunctionChange::Resync => match store.list_functions().await {
+                    Ok(all) => {
+                        let stored: std::collections::HashSet<String> =
+                            all.iter().map(|f| f.name.clone()).collect();
+                        for function in all {
+                            self.load(function);
+                        }
+                        for gone in self
+                            .list()
+                            .into_iter()
+                            .filter(|f| !stored.contains(&f.name))
+                        {
+                            self.remove(&gone.name);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the functions again failed"),
+                },
+            }
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -51,13 +51,10 @@ impl Server {
             .await
             .map_err(|e| StartError(format!("store {store_name}: {e}")))?;
         for function in functions {
-            let name = function.name.clone();
-            match registry.prepare(function) {
-                Ok(entry) => registry.insert(entry),
-                Err(e) => {
-                    tracing::warn!(function = %name, error = %e, "stored function not loaded")
-                }
-            }
+            registry.load(function);
+        }
+        if let Some(changes) = store.watch_functions() {
+            tokio::spawn(registry.clone().follow(store.clone(), changes));
         }
         let listen = config.server.listen;
         let listener = TcpListener::bind(listen)

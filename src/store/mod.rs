@@ -35,6 +35,13 @@ impl From<StoreError> for Error {
 pub trait Store: Send + Sync {
     /// Every registered function.
     async fn list_functions(&self) -> Result<Vec<Function>, StoreError>;
+    /// One function by name.
+    async fn get_function(&self, name: &str) -> Result<Option<Function>, StoreError>;
+    /// Changes to functions made by anyone sharing this store (other gateways), for the
+    /// registry to follow; `None` when nobody else can share it (SQLite).
+    fn watch_functions(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<FunctionChange>> {
+        None
+    }
     /// Adds a function; `Conflict` if the name is taken.
     async fn create_function(&self, function: &Function) -> Result<(), StoreError>;
     /// Replaces a function; `NotFound` if there is none by that name.
@@ -58,6 +65,15 @@ pub trait Store: Send + Sync {
         started_before_us: Option<i64>,
         keep: Option<u64>,
     ) -> Result<u64, StoreError>;
+}
+
+/// What changed in the store's functions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionChange {
+    /// This function was created, updated or deleted: read it again.
+    Changed(String),
+    /// Changes may have been missed (the listener reconnected): read them all again.
+    Resync,
 }
 
 /// Which runs to list. `after` is the position of the last run of the previous page:

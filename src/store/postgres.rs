@@ -11,11 +11,12 @@ use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use tokio_postgres::NoTls;
+use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::{RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
+use super::{FunctionChange, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
 use crate::model::{Function, Run};
 
 /// Schema versions, in order; `schema_migrations` holds the versions that have run.
@@ -39,6 +40,15 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX runs_by_start ON runs (started_us DESC, name DESC);
     CREATE INDEX runs_by_function ON runs (function_name, started_us DESC, name DESC);"#,
+    // Every change to a function, whoever makes it, tells the gateways listening on
+    // `dispatch_functions` which one changed (see `watch_functions`).
+    r#"CREATE FUNCTION dispatch_function_changed() RETURNS trigger AS $$
+    BEGIN
+        PERFORM pg_notify('dispatch_functions', COALESCE(NEW.name, OLD.name));
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql;
+    CREATE TRIGGER function_changed AFTER INSERT OR UPDATE OR DELETE ON functions
+        FOR EACH ROW EXECUTE FUNCTION dispatch_function_changed();"#,
 ];
 
 /// The advisory lock that serializes migrations between gateways: "dispatch" in ASCII.
@@ -57,6 +67,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// The URL without its password, for messages.
     url: String,
+    /// For the listener's own connection (LISTEN needs one outside the pool).
+    config: tokio_postgres::Config,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -96,7 +108,7 @@ impl PostgresStore {
         }
         let shown = describe(&config);
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -110,7 +122,11 @@ impl PostgresStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| backend(format!("cannot connect to {shown}: {e}")))?;
-        let store = PostgresStore { pool, url: shown };
+        let store = PostgresStore {
+            pool,
+            url: shown,
+            config,
+        };
         let mut client = store.client().await?;
         migrate(&mut client)
             .await
@@ -373,6 +389,22 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn get_function(&self, name: &str) -> Result<Option<Function>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT spec FROM functions WHERE name = $1", &[&name])
+            .await
+            .map_err(pg)?;
+        row.map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(backend))
+            .transpose()
+    }
+
+    fn watch_functions(&self) -> Option<mpsc::UnboundedReceiver<FunctionChange>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(listen(self.config.clone(), self.url.clone(), tx));
+        Some(rx)
+    }
+
     async fn prune_runs(
         &self,
         started_before_us: Option<i64>,
@@ -467,6 +499,64 @@ impl Store for PostgresStore {
         client.simple_query("SELECT 1").await.map_err(pg)?;
         Ok(())
     }
+}
+
+/// Listens on `dispatch_functions` on a connection of its own, forwarding each change, and
+/// after every (re)connection asks for a full resync (notifications sent while it was away
+/// are lost). Ends when nobody receives any more.
+async fn listen(
+    config: tokio_postgres::Config,
+    url: String,
+    tx: mpsc::UnboundedSender<FunctionChange>,
+) {
+    let mut delay = Duration::from_millis(100);
+    while !tx.is_closed() {
+        match listen_once(&config, &tx).await {
+            Ok(()) => return,
+            Err(why) => {
+                tracing::warn!(store = %url, error = %why, "function change listener lost; reconnecting");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// One listening connection: `Ok` when the receiver is gone, `Err` when the connection is.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    tx: &mpsc::UnboundedSender<FunctionChange>,
+) -> Result<(), String> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| chain(&e))?;
+    let (names_tx, mut names) = mpsc::unbounded_channel::<String>();
+    // The connection must be polled for the LISTEN to complete and for notifications.
+    let driver = tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if names_tx.send(n.payload().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    client
+        .batch_execute("LISTEN dispatch_functions")
+        .await
+        .map_err(|e| chain(&e))?;
+    if tx.send(FunctionChange::Resync).is_err() {
+        return Ok(());
+    }
+    while let Some(name) = names.recv().await {
+        if tx.send(FunctionChange::Changed(name)).is_err() {
+            driver.abort();
+            return Ok(());
+        }
+    }
+    Err("the listening connection closed".to_string())
 }
 
 #[cfg(test)]

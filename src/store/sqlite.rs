@@ -127,6 +127,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn get_function(&self, name: &str) -> Result<Option<Function>, StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            let spec: Option<String> = conn
+                .query_row("SELECT spec FROM functions WHERE name = ?1", [&name], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(backend)?;
+            spec.map(|s| serde_json::from_str(&s).map_err(backend))
+                .transpose()
+        })
+        .await
+    }
+
     async fn create_function(&self, function: &Function) -> Result<(), StoreError> {
         let (name, spec) = (function.name.clone(), encode(function)?);
         let (created, modified) = (function.created_time, function.modified_time);

@@ -1,0 +1,82 @@
+//! Several gateways, one state: two `dispatch serve` processes sharing one PostgreSQL
+//! database see each other's functions (LISTEN/NOTIFY, not per-call queries) and runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::pg::TestDatabase;
+use common::*;
+use serde_json::json;
+
+/// Asks `gw` for `path` until `check` holds on the reply (a bound against hangs, not a
+/// timing assertion: notifications normally arrive within milliseconds).
+async fn until(gw: &Gateway, path: &str, what: &str, check: impl Fn(&Reply) -> bool) -> Reply {
+    for _ in 0..100 {
+        let reply = gw.get(path).await;
+        if check(&reply) {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: never seen on {path}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_functions_and_runs() {
+    let db = TestDatabase::create().await;
+    let url = db.url();
+    let up = Upstream::start(Behavior::Envelope).await;
+    let a = Gateway::start_with(&[("DISPATCH_STORE_URL", &url)]).await;
+    let b = Gateway::start_with(&[("DISPATCH_STORE_URL", &url)]).await;
+
+    // Registered through A, callable through B.
+    let dispatch = json!({"upstream": {"protocol": "dispatch"}});
+    a.register(&function("hello", &[up.addr], dispatch)).await;
+    until(&b, "/v1/function/hello", "the function made on A", |r| {
+        r.status == 200
+    })
+    .await;
+    let on_b = b.run("hello", json!({"name": "Bran"})).await;
+    assert_eq!(on_b.json()["status"], "READY", "{}", on_b.text());
+    let on_a = a.run("hello", json!({"name": "Rickon"})).await;
+
+    // Runs recorded by one are listed by the other.
+    let listed = a.get("/v1/runs?functionName=hello").await.json();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            on_a.json()["name"].as_str().unwrap(),
+            on_b.json()["name"].as_str().unwrap()
+        ]
+    );
+
+    // Updated through B, seen by A.
+    let mut updated = function(
+        "hello",
+        &[up.addr],
+        json!({"upstream": {"protocol": "dispatch"}}),
+    );
+    updated["tags"] = json!([{"key": "v", "value": "2"}]);
+    assert_eq!(b.put_json("/v1/function/hello", &updated).await.status, 200);
+    until(&a, "/v1/function/hello", "the update made on B", |r| {
+        r.json()["tags"] == json!([{"key": "v", "value": "2"}])
+    })
+    .await;
+
+    // Deleted through A, gone from B: calls get 404.
+    assert_eq!(a.delete("/v1/function/hello").await.status, 200);
+    until(&b, "/v1/function/hello", "the delete made on A", |r| {
+        r.status == 404
+    })
+    .await;
+    b.run("hello", json!({}))
+        .await
+        .assert_error(404, "not-found");
+}

@@ -76,6 +76,7 @@ pub struct RecordsConfig {
     pub body_bytes: usize,
     pub retention_seconds: u64,
     pub max_runs: u64,
+    pub idempotency_seconds: u64,
     pub prune_seconds: u64,
 }
 

@@ -118,6 +118,7 @@ pub fn spawn_retention(store: Arc<dyn Store>, config: &RecordsConfig) -> JoinHan
     let every = Duration::from_secs(config.prune_seconds);
     let max_age = (config.retention_seconds > 0).then_some(config.retention_seconds as i64);
     let keep = (config.max_runs > 0).then_some(config.max_runs);
+    let key_window = config.idempotency_seconds as i64;
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -128,6 +129,10 @@ pub fn spawn_retention(store: Arc<dyn Store>, config: &RecordsConfig) -> JoinHan
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(removed, "old run records removed"),
                 Err(e) => tracing::warn!(error = %e, "removing old run records failed"),
+            }
+            let keys_before = (crate::model::unix_now() - key_window) * 1_000_000;
+            if let Err(e) = store.prune_keys(keys_before).await {
+                tracing::warn!(error = %e, "removing old idempotency keys failed");
             }
         }
     })

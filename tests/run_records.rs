@@ -293,3 +293,65 @@ async fn old_runs_are_removed_by_the_retention_task() {
     }
     assert_eq!(listed, newest, "only the newest 3 are kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_runs_the_function_once() {
+    let (gw, up) = gateway_with_envelope_function(&[]).await;
+    let run_with_key = |key: &'static str, function: &'static str, input: Value| {
+        let addr = gw.addr;
+        async move {
+            let body = serde_json::to_vec(&json!({"blocking": true, "input": input})).unwrap();
+            request(
+                addr,
+                hyper::Method::POST,
+                &format!("/v1/runs?functionName={function}"),
+                &[("idempotency-key", key)],
+                body.into(),
+            )
+            .await
+        }
+    };
+    // Sequential: the second answer is the first run.
+    let first = run_with_key("k-1", "hello", json!({"name": "Jon"})).await;
+    let again = run_with_key("k-1", "hello", json!({"name": "Jon"})).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(again.json()["name"], first.json()["name"]);
+    assert_eq!(again.json()["output"], first.json()["output"]);
+    assert_eq!(up.stats.requests(), 1);
+
+    // Concurrent duplicates of a slow run: one run, every caller gets it.
+    let calls: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(run_with_key("k-2", "hello", json!({"sleepMs": 300}))))
+        .collect();
+    let mut names = HashSet::new();
+    for call in calls {
+        let reply = call.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        names.insert(reply.json()["name"].as_str().unwrap().to_string());
+    }
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(up.stats.requests(), 2);
+
+    // The same key for another function is another run; an unknown function claims nothing.
+    assert_eq!(run_with_key("k-3", "nope", json!({})).await.status, 404);
+    let dispatch = json!({"upstream": {"protocol": "dispatch"}});
+    gw.register(&function("nope", &[up.addr], dispatch)).await;
+    let other = run_with_key("k-3", "nope", json!({})).await;
+    assert_eq!(other.status, 200, "{}", other.text());
+    let mine = run_with_key("k-3", "hello", json!({})).await;
+    assert_ne!(mine.json()["name"], other.json()["name"]);
+    assert_eq!(up.stats.requests(), 4);
+
+    let long = "k".repeat(300);
+    let body = serde_json::to_vec(&json!({"blocking": true, "input": {}})).unwrap();
+    let bad = request(
+        gw.addr,
+        hyper::Method::POST,
+        "/v1/runs?functionName=hello",
+        &[("idempotency-key", long.as_str())],
+        body.into(),
+    )
+    .await;
+    let message = bad.assert_error(400, "bad-request");
+    assert!(message.starts_with("idempotency-key"), "{message}");
+}

@@ -53,6 +53,7 @@ on_both_backends! {
         runs_filter_by_function_since_status_and_tags,
         a_run_outlives_its_function,
         old_runs_are_pruned_by_age_and_by_count,
+        an_idempotency_key_is_claimed_once_per_window,
     ],
     backends: [migrations_are_idempotent],
 }
@@ -461,6 +462,38 @@ async fn old_runs_are_pruned_by_age_and_by_count(store: &dyn Store) {
     assert_eq!(listed().await, left(5));
     // Nothing left to remove.
     assert_eq!(store.prune_runs(Some(T0), Some(5)).await.unwrap(), 0);
+}
+
+async fn an_idempotency_key_is_claimed_once_per_window(store: &dyn Store) {
+    use dispatch::store::Claim;
+    let claim = |run: &'static str, now: i64| store.claim_key("f", "key", run, now, now - 100);
+    assert_eq!(claim("r1", 1_000).await.unwrap(), Claim::New);
+    assert_eq!(
+        claim("r2", 1_050).await.unwrap(),
+        Claim::Existing("r1".into())
+    );
+    // Another function's key of the same name is its own.
+    assert_eq!(
+        store.claim_key("g", "key", "r3", 1_050, 950).await.unwrap(),
+        Claim::New
+    );
+    // Past the window the key is free again, for the next run.
+    assert_eq!(claim("r4", 1_200).await.unwrap(), Claim::New);
+    assert_eq!(
+        claim("r5", 1_250).await.unwrap(),
+        Claim::Existing("r4".into())
+    );
+    // Released by a run that never started: free at once; a release by another run is ignored.
+    store.release_key("f", "key", "r5").await.unwrap();
+    assert_eq!(
+        claim("r6", 1_260).await.unwrap(),
+        Claim::Existing("r4".into())
+    );
+    store.release_key("f", "key", "r4").await.unwrap();
+    assert_eq!(claim("r7", 1_270).await.unwrap(), Claim::New);
+    // Old keys are forgotten.
+    assert_eq!(store.prune_keys(1_265).await.unwrap(), 1);
+    assert_eq!(store.prune_keys(1_265).await.unwrap(), 0);
 }
 
 async fn migrations_are_idempotent(backend: &Backend) {

@@ -11,8 +11,13 @@ use hyper::body::Incoming;
 use super::{App, parse_json, query_values, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
-use crate::model::{RunErrorType, RunRequest, Status};
-use crate::store::{RunPosition, RunQuery};
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::time::Instant;
+
+use crate::model::{Run, RunErrorType, RunRequest, Status};
+use crate::store::{Claim, RunPosition, RunQuery};
 
 /// Runs per page when the client does not say, and the most it may ask for.
 const DEFAULT_LIMIT: u32 = 100;
@@ -42,7 +47,11 @@ pub async fn create(
                 .into(),
         ));
     }
-    let run = app.invoker.run(&name, request, &headers).await?;
+    let run_name = crate::model::new_id().to_string();
+    let run = match idempotency_key(&headers)? {
+        None => app.invoker.run(&name, request, &headers, run_name).await?,
+        Some(key) => run_once(app, &name, &key, request, &headers, run_name).await?,
+    };
     let mut resp = json_response(StatusCode::OK, &run);
     if run
         .error
@@ -53,6 +62,76 @@ pub async fn create(
             .insert("x-dispatch-error", HeaderValue::from_static("system-error"));
     }
     Ok(resp)
+}
+
+/// The client's `Idempotency-Key`, or else Dispatch's `X-Call-Id`.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some((header, value)) = ["idempotency-key", "x-call-id"]
+        .iter()
+        .find_map(|h| headers.get(*h).map(|v| (*h, v)))
+    else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= 256 => Ok(Some(key.to_string())),
+        _ => Err(Error::BadRequest(format!(
+            "{header}: must be 1 to 256 visible ASCII characters"
+        ))),
+    }
+}
+
+/// A run asked for with an idempotency key: the first request with the key runs the
+/// function; the others (concurrent or later, on any gateway sharing the store, within
+/// `records.idempotency_seconds`) answer with that same run once it is recorded.
+async fn run_once(
+    app: &App,
+    function: &str,
+    key: &str,
+    request: RunRequest,
+    headers: &HeaderMap,
+    run_name: String,
+) -> Result<Run, Error> {
+    // An unknown function is a 404 before any key is claimed for it.
+    let timeout = app
+        .registry
+        .get(function)
+        .map(|f| f.timeout)
+        .ok_or_else(|| Error::NotFound(format!("function \"{function}\" not found")))?;
+    let now_us = (crate::model::unix_now()) * 1_000_000;
+    let window_us = app.config.records.idempotency_seconds as i64 * 1_000_000;
+    let claim = app
+        .store
+        .claim_key(function, key, &run_name, now_us, now_us - window_us)
+        .await?;
+    match claim {
+        Claim::New => {
+            let ran = app
+                .invoker
+                .run(function, request, headers, run_name.clone())
+                .await;
+            if ran.is_err() {
+                // It never started (not READY, limits): the key must not point at nothing.
+                app.store.release_key(function, key, &run_name).await?;
+            }
+            ran
+        }
+        Claim::Existing(holder) => {
+            // The first request may still be running: wait for its record, as long as a
+            // run of this function can take.
+            let give_up = Instant::now() + timeout + Duration::from_secs(5);
+            loop {
+                if let Some(run) = app.store.get_run(&holder).await? {
+                    return Ok(run);
+                }
+                if Instant::now() >= give_up {
+                    return Err(Error::Conflict(format!(
+                        "run \"{holder}\" holds this idempotency key for function \"{function}\" and has not finished"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 pub async fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, Error> {

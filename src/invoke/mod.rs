@@ -177,6 +177,7 @@ impl Invoker {
         name: &str,
         request: RunRequest,
         client_headers: &HeaderMap,
+        run_name: String,
     ) -> Result<Run, Error> {
         let started = Instant::now();
         let started_us = (unix_nanos() / 1_000) as i64;
@@ -185,7 +186,7 @@ impl Invoker {
         let mut call = self.admit(&function, started, deadline).await?;
 
         let mut run = Run {
-            name: crate::model::new_id().to_string(),
+            name: run_name,
             function_name: function.spec.name.clone(),
             function_id: function.spec.id.clone(),
             blocking: true,

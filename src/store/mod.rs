@@ -48,6 +48,26 @@ pub trait Store: Send + Sync {
     async fn update_function(&self, function: &Function) -> Result<(), StoreError>;
     /// Removes a function; `NotFound` if there is none by that name.
     async fn delete_function(&self, name: &str) -> Result<(), StoreError>;
+    /// Claims `key` for a run of `function`: `Claim::New` when no run holds it since
+    /// `window_start_us` (the key now names `run_name`), else the run that does. Atomic:
+    /// of concurrent claims, one gets `New`.
+    async fn claim_key(
+        &self,
+        function: &str,
+        key: &str,
+        run_name: &str,
+        now_us: i64,
+        window_start_us: i64,
+    ) -> Result<Claim, StoreError>;
+    /// Gives a key back, if `run_name` still holds it (the run never started).
+    async fn release_key(
+        &self,
+        function: &str,
+        key: &str,
+        run_name: &str,
+    ) -> Result<(), StoreError>;
+    /// Forgets the keys claimed before `before_us`.
+    async fn prune_keys(&self, before_us: i64) -> Result<u64, StoreError>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -65,6 +85,15 @@ pub trait Store: Send + Sync {
         started_before_us: Option<i64>,
         keep: Option<u64>,
     ) -> Result<u64, StoreError>;
+}
+
+/// The outcome of claiming an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is this run's: run it.
+    New,
+    /// The key belongs to this run (finished, or still running): answer with it.
+    Existing(String),
 }
 
 /// What changed in the store's functions.

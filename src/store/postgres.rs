@@ -16,7 +16,9 @@ use tokio_postgres::config::Host;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::{FunctionChange, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
+use super::{
+    Claim, FunctionChange, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key,
+};
 use crate::model::{Function, Run};
 
 /// Schema versions, in order; `schema_migrations` holds the versions that have run.
@@ -49,6 +51,13 @@ const MIGRATIONS: &[&str] = &[
     END $$ LANGUAGE plpgsql;
     CREATE TRIGGER function_changed AFTER INSERT OR UPDATE OR DELETE ON functions
         FOR EACH ROW EXECUTE FUNCTION dispatch_function_changed();"#,
+    r#"CREATE TABLE idempotency_keys (
+        function_name TEXT NOT NULL,
+        key TEXT NOT NULL,
+        run_name TEXT NOT NULL,
+        created_us BIGINT NOT NULL,
+        PRIMARY KEY (function_name, key)
+    );"#,
 ];
 
 /// The advisory lock that serializes migrations between gateways: "dispatch" in ASCII.
@@ -387,6 +396,69 @@ impl Store for PostgresStore {
             .await
             .map_err(pg)?;
         Ok(())
+    }
+
+    async fn claim_key(
+        &self,
+        function: &str,
+        key: &str,
+        run_name: &str,
+        now_us: i64,
+        window_start_us: i64,
+    ) -> Result<Claim, StoreError> {
+        let client = self.client().await?;
+        // Inserted, or taken over from a claim older than the window: ours. The row lock
+        // of ON CONFLICT makes concurrent claims (from any gateway) wait for each other.
+        let ours = client
+            .query_opt(
+                "INSERT INTO idempotency_keys (function_name, key, run_name, created_us)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (function_name, key)
+                 DO UPDATE SET run_name = EXCLUDED.run_name, created_us = EXCLUDED.created_us
+                 WHERE idempotency_keys.created_us < $5
+                 RETURNING run_name",
+                &[&function, &key, &run_name, &now_us, &window_start_us],
+            )
+            .await
+            .map_err(pg)?;
+        if ours.is_some() {
+            return Ok(Claim::New);
+        }
+        let holder = client
+            .query_one(
+                "SELECT run_name FROM idempotency_keys WHERE function_name = $1 AND key = $2",
+                &[&function, &key],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(Claim::Existing(holder.get(0)))
+    }
+
+    async fn release_key(
+        &self,
+        function: &str,
+        key: &str,
+        run_name: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM idempotency_keys WHERE function_name = $1 AND key = $2 AND run_name = $3",
+                &[&function, &key, &run_name],
+            )
+            .await
+            .map(|_| ())
+            .map_err(pg)
+    }
+
+    async fn prune_keys(&self, before_us: i64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM idempotency_keys WHERE created_us < $1",
+                &[&before_us],
+            )
+            .await
+            .map_err(pg)
     }
 
     async fn get_function(&self, name: &str) -> Result<Option<Function>, StoreError> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
+use super::{Claim, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
 use crate::model::{Function, Run};
 
 /// Schema versions, in order; `PRAGMA user_version` says how many have run.
@@ -30,6 +30,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX runs_by_start ON runs (started_us DESC, name DESC);
     CREATE INDEX runs_by_function ON runs (function_name, started_us DESC, name DESC);",
+    "CREATE TABLE idempotency_keys (
+        function_name TEXT NOT NULL,
+        key TEXT NOT NULL,
+        run_name TEXT NOT NULL,
+        created_us INTEGER NOT NULL,
+        PRIMARY KEY (function_name, key)
+    );",
 ];
 
 #[derive(Clone)]
@@ -320,6 +327,76 @@ impl Store for SqliteStore {
                     .map_err(backend)?;
             }
             Ok(removed as u64)
+        })
+        .await
+    }
+
+    async fn claim_key(
+        &self,
+        function: &str,
+        key: &str,
+        run_name: &str,
+        now_us: i64,
+        window_start_us: i64,
+    ) -> Result<Claim, StoreError> {
+        let (function, key, run_name) =
+            (function.to_string(), key.to_string(), run_name.to_string());
+        self.with(move |conn| {
+            // One connection behind a mutex: this read and write cannot interleave with
+            // another claim's.
+            let held: Option<(String, i64)> = conn
+                .query_row(
+                    "SELECT run_name, created_us FROM idempotency_keys
+                     WHERE function_name = ?1 AND key = ?2",
+                    [&function, &key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            if let Some((holder, created)) = held
+                && created >= window_start_us
+            {
+                return Ok(Claim::Existing(holder));
+            }
+            conn.execute(
+                "INSERT INTO idempotency_keys (function_name, key, run_name, created_us)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (function_name, key)
+                 DO UPDATE SET run_name = excluded.run_name, created_us = excluded.created_us",
+                params![function, key, run_name, now_us],
+            )
+            .map_err(backend)?;
+            Ok(Claim::New)
+        })
+        .await
+    }
+
+    async fn release_key(
+        &self,
+        function: &str,
+        key: &str,
+        run_name: &str,
+    ) -> Result<(), StoreError> {
+        let (function, key, run_name) =
+            (function.to_string(), key.to_string(), run_name.to_string());
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE function_name = ?1 AND key = ?2 AND run_name = ?3",
+                [&function, &key, &run_name],
+            )
+            .map(|_| ())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn prune_keys(&self, before_us: i64) -> Result<u64, StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE created_us < ?1",
+                [before_us],
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
         })
         .await
     }

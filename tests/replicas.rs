@@ -80,3 +80,59 @@ async fn two_gateways_share_functions_and_runs() {
         .await
         .assert_error(404, "not-found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_store_holds_nothing_up_and_loses_no_record() {
+    let db = TestDatabase::create().await;
+    let relay = common::pg::Relay::start().await;
+    let envelope = Upstream::start(Behavior::Envelope).await;
+    let echo = Upstream::start(Behavior::Echo).await;
+    let gw = Gateway::start_with(&[
+        ("DISPATCH_STORE_URL", &relay.url(&db)),
+        ("DISPATCH_RECORDS_WAIT_MS", "200"),
+    ])
+    .await;
+    let dispatch = json!({"upstream": {"protocol": "dispatch"}});
+    gw.register(&function("hello", &[envelope.addr], dispatch))
+        .await;
+    gw.register(&function("echo", &[echo.addr], json!({})))
+        .await;
+    let before = gw.run("hello", json!({"n": 0})).await.json();
+    assert_eq!(gw.get("/readyz").await.status, 200);
+
+    relay.cut();
+    let down = until(&gw, "/readyz", "the store reported down", |r| {
+        r.status == 503
+    })
+    .await;
+    assert_ne!(down.json()["store"], "ok", "{}", down.text());
+    // Calls are still served from the registry, and Dispatch runs still answer.
+    assert_eq!(gw.get("/function/echo").await.status, 200);
+    let mut during = Vec::new();
+    for n in 1..=5 {
+        let reply = gw.run("hello", json!({"n": n})).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["status"], "READY");
+        during.push(reply.json()["name"].as_str().unwrap().to_string());
+    }
+
+    relay.restore();
+    until(&gw, "/readyz", "the store back", |r| r.status == 200).await;
+    let listed = until(
+        &gw,
+        "/v1/runs?functionName=hello",
+        "the queued records",
+        |r| r.status == 200 && r.json().as_array().is_some_and(|a| a.len() == 6),
+    )
+    .await
+    .json();
+    let mut expected: Vec<String> = during.into_iter().rev().collect();
+    expected.push(before["name"].as_str().unwrap().to_string());
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, expected, "every run recorded, none twice");
+}

@@ -377,16 +377,24 @@ target_gateway() {
   if ! wait_http_200 "$base/healthz" 30; then
     die "gateway did not answer 200 on $base/healthz within 30s; log: $(tail -n 50 "$TMP/gw.log")"
   fi
-  code=$(curl -s -o "$TMP/gw-register.json" -w '%{http_code}' --max-time 10 -X POST "$base/v1/function" \
-    -H 'Content-Type: application/json' \
-    -d '{"name":"echo","upstream":{"driver":"static","endpoints":["http://127.0.0.1:'"$UP_PORT"'"],"protocol":"raw"}}') || true
-  [[ $code == 201 ]] || die "registering function echo: expected 201, got '$code': $(cat "$TMP/gw-register.json" 2>/dev/null)"
-  check_body "$base/function/echo"
+  # Two functions on the same upstream: "echo" records nothing (the proxy alone, beside
+  # nginx), "echo-rec" records every call (the default), to measure what recording costs.
+  local fn record
+  for fn in echo echo-rec; do
+    record=none
+    [[ $fn == echo-rec ]] && record=all
+    code=$(curl -s -o "$TMP/gw-register.json" -w '%{http_code}' --max-time 10 -X POST "$base/v1/function" \
+      -H 'Content-Type: application/json' \
+      -d '{"name":"'"$fn"'","record":"'"$record"'","upstream":{"driver":"static","endpoints":["http://127.0.0.1:'"$UP_PORT"'"],"protocol":"raw"}}') || true
+    [[ $code == 201 ]] || die "registering function $fn: expected 201, got '$code': $(cat "$TMP/gw-register.json" 2>/dev/null)"
+    check_body "$base/function/$fn"
+  done
   log "gateway pid $pid on 127.0.0.1:$port (CPU $PROXY_CPU)"
   measure gateway "$base/function/echo" "$pid"
+  measure gateway-recording "$base/function/echo-rec" "$pid"
 
   local metrics
-  metrics=$(curl -sf --max-time 5 "$base/metrics" | grep -E '^dispatch_upstream_connections_opened_total' || true)
+  metrics=$(curl -sf --max-time 5 "$base/metrics" | grep -E '^dispatch_(upstream_connections_opened_total|run_records_(written|dropped)_total)' || true)
   [[ -n $metrics ]] || metrics="(dispatch_upstream_connections_opened_total not found in /metrics)"
   EXTRA_NOTES+="- gateway /metrics after the run:"$'\n\n```\n'"$metrics"$'\n```\n'
   if grep -qiE 'panic|error' "$TMP/gw.log"; then

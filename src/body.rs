@@ -12,7 +12,10 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use std::sync::{Arc, Mutex};
+
 use crate::invoke::UpstreamBody;
+use crate::records::Captured;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -28,10 +31,12 @@ pub struct BodyTooLarge {
 pub enum ReqBody {
     Full(Option<Bytes>),
     /// A client's body, streamed through frame by frame. `limit` of 0 means none.
+    /// `capture` keeps the first bytes for the call's record (at most its `usize`).
     Stream {
         inner: Incoming,
         seen: u64,
         limit: u64,
+        capture: Option<(Arc<Mutex<Captured>>, usize)>,
     },
 }
 
@@ -40,11 +45,16 @@ impl ReqBody {
         ReqBody::Full(Some(bytes.into()))
     }
 
-    pub fn stream(inner: Incoming, limit: u64) -> Self {
+    pub fn stream(
+        inner: Incoming,
+        limit: u64,
+        capture: Option<(Arc<Mutex<Captured>>, usize)>,
+    ) -> Self {
         ReqBody::Stream {
             inner,
             seen: 0,
             limit,
+            capture,
         }
     }
 }
@@ -59,23 +69,31 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ReqBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ReqBody::Stream { inner, seen, limit } => {
-                match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
-                    Some(Ok(frame)) => {
-                        if let Some(data) = frame.data_ref() {
-                            *seen += data.len() as u64;
-                            if *limit > 0 && *seen > *limit {
-                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
-                                    limit: *limit,
-                                }))));
-                            }
+            ReqBody::Stream {
+                inner,
+                seen,
+                limit,
+                capture,
+            } => match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        if let Some((kept, max)) = capture
+                            && let Ok(mut kept) = kept.lock()
+                        {
+                            kept.keep(data, *max);
                         }
-                        Poll::Ready(Some(Ok(frame)))
+                        *seen += data.len() as u64;
+                        if *limit > 0 && *seen > *limit {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                                limit: *limit,
+                            }))));
+                        }
                     }
-                    Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
-                    None => Poll::Ready(None),
+                    Poll::Ready(Some(Ok(frame)))
                 }
-            }
+                Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+                None => Poll::Ready(None),
+            },
         }
     }
 

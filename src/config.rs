@@ -70,8 +70,10 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordsConfig {
+    pub raw: crate::model::RecordMode,
     pub queue: usize,
     pub batch: usize,
+    pub linger_ms: u64,
     pub wait_ms: u64,
     pub body_bytes: usize,
     pub retention_seconds: u64,

@@ -27,6 +27,7 @@ pub struct Metrics {
     pool_idle: IntGaugeVec,
     ejections: IntCounterVec,
     records_written: IntCounter,
+    records_dropped: IntCounter,
     records_pending: IntGauge,
     record_write_failures: IntCounter,
 }
@@ -143,6 +144,14 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            records_dropped: register(
+                &registry,
+                IntCounter::new(
+                    "dispatch_run_records_dropped_total",
+                    "Records of raw calls dropped because the record queue was full",
+                )
+                .expect("valid metric"),
+            ),
             records_pending: register(
                 &registry,
                 IntGauge::new(
@@ -167,6 +176,7 @@ impl Metrics {
     pub fn records(&self) -> crate::records::RecordMetrics {
         crate::records::RecordMetrics {
             written: self.records_written.clone(),
+            dropped: self.records_dropped.clone(),
             pending: self.records_pending.clone(),
             write_failures: self.record_write_failures.clone(),
         }

@@ -50,6 +50,18 @@ pub struct Schema {
     pub output: Option<Value>,
 }
 
+/// Which calls on the raw `/function/{name}` surface get a run record (Dispatch runs
+/// always do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordMode {
+    #[default]
+    All,
+    /// Only calls that failed: an HTTP status of 400 or more, or no answer.
+    Errors,
+    None,
+}
+
 /// Which driver runs a function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +154,9 @@ pub struct Function {
     /// Calls allowed to wait when `maxInflight` is reached; absent: the server's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue: Option<u32>,
+    /// Which raw calls are recorded; absent: the server's `records.raw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordMode>,
 }
 
 fn function_kind() -> String {
@@ -328,6 +343,20 @@ pub struct CallFacts {
 /// nothing, and a `getrandom` call per request showed in the profile.
 pub fn new_id() -> uuid::Uuid {
     uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid()
+}
+
+/// A new run name: a time-ordered (version 7) uuid. Run records are keyed by name, and
+/// names that grow with time are appended to the store's index instead of landing on a
+/// random page of it (with random names, index upkeep was most of a record's cost).
+pub fn new_run_name() -> uuid::Uuid {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let random: [u8; 10] = fastrand::u128(..).to_le_bytes()[..10]
+        .try_into()
+        .expect("ten bytes");
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 /// Seconds since the unix epoch, as Dispatch's times are.

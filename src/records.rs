@@ -7,33 +7,178 @@
 //!
 //! A blocking run waits (up to `records.wait_ms`) for its record to be committed before it
 //! answers, so a caller that lists runs right after finds it.
+//!
+//! A call on the raw surface is recorded as a [`RawCall`]: what the call kept (the first
+//! bytes of each body, as the frames that carried them) is turned into a Run by the writer,
+//! not by the call. It never waits: when the queue is full, its record is dropped and
+//! counted.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, Uri};
 use prometheus::{IntCounter, IntGauge};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::RecordsConfig;
-use crate::model::Run;
+use crate::model::{CallFacts, Run, RunError, Status};
+
 use crate::store::Store;
 
 /// Hands runs to the writer.
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Pending>,
+    /// Raw-call records dropped because the queue was full.
+    dropped: IntCounter,
     /// How long `record` waits for the commit.
     wait: Duration,
     /// Largest input or output kept, as JSON text; longer ones are cut and flagged.
     body_bytes: usize,
 }
 
-/// A run on its way to the store, and whom to tell once it is there.
-struct Pending {
-    run: Run,
-    written: Option<oneshot::Sender<()>>,
+/// A record on its way to the store.
+enum Pending {
+    /// A Dispatch run, and whom to tell once it is written.
+    Run {
+        run: Box<Run>,
+        written: Option<oneshot::Sender<()>>,
+    },
+    /// A raw call, made a Run by the writer.
+    Raw(Box<RawCall>),
+}
+
+impl Pending {
+    fn take_run(&mut self, body_bytes: usize) -> Run {
+        match self {
+            Pending::Run { run, .. } => std::mem::take(&mut **run),
+            Pending::Raw(raw) => raw.take_run(body_bytes),
+        }
+    }
+}
+
+/// The first bytes of a body, as the frames that carried them (no copy).
+#[derive(Debug, Default)]
+pub struct Captured {
+    chunks: Vec<Bytes>,
+    len: usize,
+    truncated: bool,
+}
+
+impl Captured {
+    /// Keeps `data`, or what of it fits under `limit`.
+    pub fn keep(&mut self, data: &Bytes, limit: usize) {
+        let room = limit.saturating_sub(self.len);
+        if data.len() > room {
+            self.truncated = true;
+        }
+        let take = data.len().min(room);
+        if take > 0 {
+            self.chunks.push(data.slice(..take));
+            self.len += take;
+        }
+    }
+
+    /// The body as a run shows it: JSON when it parses, text otherwise, null when empty.
+    fn value(&self) -> Value {
+        if self.len == 0 {
+            return Value::Null;
+        }
+        let mut all = BytesMut::with_capacity(self.len);
+        for chunk in &self.chunks {
+            all.extend_from_slice(chunk);
+        }
+        serde_json::from_slice(&all)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&all).into_owned()))
+    }
+}
+
+/// A call on the raw surface, as the invoker saw it.
+pub struct RawCall {
+    /// The function's name and id: not its registry entry, which a queued record would
+    /// keep alive (and, with it, the pools of endpoints the function has left).
+    pub function_name: String,
+    pub function_id: String,
+    pub call_id: HeaderValue,
+    pub method: Method,
+    pub uri: Uri,
+    pub started_us: i64,
+    pub duration: Duration,
+    /// The status the caller got.
+    pub status: u16,
+    pub endpoint: String,
+    /// The request body, kept by the body as the upstream connection sends it.
+    pub request: Option<Arc<std::sync::Mutex<Captured>>>,
+    pub response: Captured,
+    /// Why the gateway failed the call, if it did.
+    pub failure: Option<String>,
+    /// Whether the answer was read to its end.
+    pub complete: bool,
+}
+
+impl RawCall {
+    /// Whether `mode` wants this call recorded.
+    pub fn failed(&self) -> bool {
+        self.status >= 400 || self.failure.is_some() || !self.complete
+    }
+
+    fn take_run(&mut self, body_bytes: usize) -> Run {
+        let input = self
+            .request
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|c| (c.value(), c.truncated)));
+        let (mut input, input_cut) = input.unwrap_or((Value::Null, false));
+        let mut output = self.response.value();
+        // Kept bytes were cut at the limit already; a JSON value made text stays under it too.
+        let input_truncated = input_cut | cut(&mut input, body_bytes);
+        let output_truncated = self.response.truncated | cut(&mut output, body_bytes);
+        let error = match (&self.failure, self.status) {
+            (Some(why), _) => Some(RunError::system(why.clone())),
+            (None, status) if status >= 400 => Some(RunError::function(format!(
+                "function answered HTTP {status}"
+            ))),
+            (None, _) if !self.complete => Some(RunError::system(
+                "the answer was cut off before its end".to_string(),
+            )),
+            _ => None,
+        };
+        let finished_us = self.started_us + self.duration.as_micros() as i64;
+        Run {
+            name: crate::model::new_run_name().to_string(),
+            function_name: std::mem::take(&mut self.function_name),
+            function_id: std::mem::take(&mut self.function_id),
+            blocking: true,
+            input,
+            output,
+            http_context: Some(json!({
+                "method": self.method.as_str(),
+                "path": self.uri.path(),
+                "query": self.uri.query().unwrap_or(""),
+            })),
+            executed_time: self.started_us / 1_000_000,
+            finished_time: finished_us / 1_000_000,
+            status: if error.is_some() {
+                Status::Error
+            } else {
+                Status::Ready
+            },
+            reason: error.iter().map(|e| e.message.clone()).collect(),
+            error,
+            call: Some(CallFacts {
+                call_id: self.call_id.to_str().unwrap_or_default().to_string(),
+                http_status: self.status,
+                duration_ms: self.duration.as_secs_f64() * 1e3,
+                endpoint: std::mem::take(&mut self.endpoint),
+                input_truncated,
+                output_truncated,
+                started_us: self.started_us,
+            }),
+            ..Run::default()
+        }
+    }
 }
 
 /// The writer task, to be stopped (and flushed) at shutdown.
@@ -46,6 +191,7 @@ pub struct Writer {
 #[derive(Clone)]
 pub struct RecordMetrics {
     pub written: IntCounter,
+    pub dropped: IntCounter,
     pub pending: IntGauge,
     pub write_failures: IntCounter,
 }
@@ -58,18 +204,23 @@ impl Recorder {
     ) -> (Recorder, Writer) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stop = Arc::new(Notify::new());
-        let task = tokio::spawn(write_loop(
-            store,
-            rx,
-            config.batch.max(1),
-            metrics,
-            stop.clone(),
-        ));
         let recorder = Recorder {
             tx,
+            dropped: metrics.dropped.clone(),
             wait: Duration::from_millis(config.wait_ms),
             body_bytes: config.body_bytes,
         };
+        let task = tokio::spawn(write_loop(
+            store,
+            rx,
+            Batching {
+                max: config.batch.max(1),
+                linger: Duration::from_millis(config.linger_ms),
+                body_bytes: config.body_bytes,
+            },
+            metrics,
+            stop.clone(),
+        ));
         (recorder, Writer { task, stop })
     }
 
@@ -91,7 +242,8 @@ impl Recorder {
                 (Some(tx), Some(rx))
             }
         };
-        if self.tx.send(Pending { run, written }).await.is_err() {
+        let run = Box::new(run);
+        if self.tx.send(Pending::Run { run, written }).await.is_err() {
             tracing::error!("run record lost: the writer has stopped");
             return;
         }
@@ -99,6 +251,21 @@ impl Recorder {
             // Past the wait the record stays queued and is written when the store answers.
             let _ = tokio::time::timeout(self.wait, committed).await;
         }
+    }
+}
+
+impl Recorder {
+    /// Records a raw call without waiting: when the queue is full the record is dropped
+    /// (and counted), never the call held up.
+    pub fn record_raw(&self, call: RawCall) {
+        if self.tx.try_send(Pending::Raw(Box::new(call))).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    /// The largest body a record keeps.
+    pub fn body_bytes(&self) -> usize {
+        self.body_bytes
     }
 }
 
@@ -138,6 +305,14 @@ pub fn spawn_retention(store: Arc<dyn Store>, config: &RecordsConfig) -> JoinHan
     })
 }
 
+/// How the writer groups records into transactions.
+struct Batching {
+    max: usize,
+    /// How long to wait for more after the first record of a batch.
+    linger: Duration,
+    body_bytes: usize,
+}
+
 /// Replaces `value` by the start of its JSON text when that is longer than `limit` bytes.
 fn cut(value: &mut Value, limit: usize) -> bool {
     if matches!(value, Value::Null | Value::Bool(_) | Value::Number(_)) {
@@ -158,10 +333,15 @@ fn cut(value: &mut Value, limit: usize) -> bool {
 async fn write_loop(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Pending>,
-    batch_max: usize,
+    batching: Batching,
     metrics: RecordMetrics,
     stop: Arc<Notify>,
 ) {
+    let Batching {
+        max: batch_max,
+        linger,
+        body_bytes,
+    } = batching;
     let mut batch = Vec::with_capacity(batch_max);
     let mut stopping = false;
     loop {
@@ -179,6 +359,9 @@ async fn write_loop(
                 }
             }
         }
+        if !stopping && !linger.is_zero() && rx.len() + batch.len() < batch_max {
+            tokio::time::sleep(linger).await;
+        }
         while batch.len() < batch_max {
             match rx.try_recv() {
                 Ok(run) => batch.push(run),
@@ -186,13 +369,14 @@ async fn write_loop(
             }
         }
         metrics.pending.set(rx.len() as i64);
-        let runs: Vec<Run> = batch
-            .iter_mut()
-            .map(|p| std::mem::take(&mut p.run))
-            .collect();
+        let runs: Vec<Run> = batch.iter_mut().map(|p| p.take_run(body_bytes)).collect();
         write(&*store, &runs, &metrics, stopping).await;
         for pending in batch.drain(..) {
-            if let Some(written) = pending.written {
+            if let Pending::Run {
+                written: Some(written),
+                ..
+            } = pending
+            {
                 let _ = written.send(());
             }
         }

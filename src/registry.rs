@@ -17,7 +17,7 @@ use crate::invoke::balance::Endpoint;
 use crate::invoke::limit::Limiter;
 use crate::invoke::pool::Pools;
 use crate::metrics::{FunctionMetrics, Metrics};
-use crate::model::{Function, Protocol};
+use crate::model::{Function, Protocol, RecordMode};
 use crate::store::{FunctionChange, Store};
 
 /// A function ready to be called.
@@ -30,6 +30,8 @@ pub struct FunctionEntry {
     pub timeout: Duration,
     /// Shared with the entry this one replaces when the limits did not change.
     pub limiter: Arc<Limiter>,
+    /// Which raw calls get a run record: the function's setting or the server's.
+    pub record: RecordMode,
     /// Shared with the entry this one replaces, so an update keeps the series.
     pub metrics: Arc<FunctionMetrics>,
 }
@@ -41,6 +43,7 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     default_timeout: Duration,
     default_max_queue: u32,
+    default_record: RecordMode,
 }
 
 impl Registry {
@@ -52,6 +55,7 @@ impl Registry {
             metrics,
             default_timeout: Duration::from_millis(config.limits.default_timeout_ms),
             default_max_queue: config.limits.max_queue,
+            default_record: config.records.raw,
         }
     }
 
@@ -95,6 +99,7 @@ impl Registry {
             _ => Arc::new(Limiter::new(max_inflight, max_queue)),
         };
         Ok(FunctionEntry {
+            record: function.record.unwrap_or(self.default_record),
             protocol: upstream.protocol,
             spec: function,
             endpoints,

@@ -355,3 +355,100 @@ async fn an_idempotency_key_runs_the_function_once() {
     let message = bad.assert_error(400, "bad-request");
     assert!(message.starts_with("idempotency-key"), "{message}");
 }
+
+/// The runs of `function`, once there are `n` of them (raw calls are recorded without
+/// waiting, so a record lands a moment after the answer).
+async fn runs_of(gw: &Gateway, function: &str, n: usize) -> Vec<Value> {
+    let path = format!("/v1/runs?functionName={function}");
+    for _ in 0..100 {
+        let runs = gw.get(&path).await.json();
+        if runs.as_array().map(Vec::len) == Some(n) {
+            return runs.as_array().unwrap().clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{function}: never {n} runs: {}", gw.get(&path).await.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_calls_are_recorded_with_what_went_in_and_out() {
+    let echo = Upstream::start(Behavior::Echo).await;
+    let gw = Gateway::start().await;
+    gw.register(&function("echo", &[echo.addr], json!({})))
+        .await;
+    let body = bytes::Bytes::from_static(br#"{"name":"Jon"}"#);
+    let reply = request(
+        gw.addr,
+        hyper::Method::POST,
+        "/function/echo/greet?loud=1",
+        &[("x-call-id", "call-42")],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let runs = runs_of(&gw, "echo", 1).await;
+    let run = &runs[0];
+    assert_eq!(run["status"], "READY");
+    assert_eq!(run["input"], json!({"name": "Jon"}));
+    assert_eq!(
+        run["output"],
+        reply.json(),
+        "the output is what the caller got"
+    );
+    assert_eq!(
+        run["httpContext"],
+        json!({"method": "POST", "path": "/function/echo/greet", "query": "loud=1"})
+    );
+    assert_eq!(run["call"]["callId"], "call-42");
+    assert_eq!(run["call"]["httpStatus"], 200);
+    assert_eq!(run["call"]["endpoint"], format!("http://{}", echo.addr));
+    let m = gw.metrics().await;
+    assert_eq!(m.value("dispatch_run_records_dropped_total", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_records_follow_the_functions_record_setting() {
+    let ok = Upstream::start(Behavior::Echo).await;
+    let failing = Upstream::start(Behavior::Fail500).await;
+    let gw = Gateway::start().await;
+    gw.register(&function("quiet", &[ok.addr], json!({"record": "none"})))
+        .await;
+    gw.register(&function("fine", &[ok.addr], json!({"record": "errors"})))
+        .await;
+    gw.register(&function(
+        "broken",
+        &[failing.addr],
+        json!({"record": "errors"}),
+    ))
+    .await;
+    let dead = free_addr();
+    gw.register(&function("gone", &[dead], json!({}))).await;
+    for path in [
+        "/function/quiet",
+        "/function/fine",
+        "/function/broken",
+        "/function/gone",
+    ] {
+        gw.get(path).await;
+    }
+    let broken = runs_of(&gw, "broken", 1).await;
+    assert_eq!(broken[0]["status"], "ERROR");
+    assert_eq!(broken[0]["error"]["type"], "FunctionError");
+    assert_eq!(broken[0]["call"]["httpStatus"], 500);
+    let gone = runs_of(&gw, "gone", 1).await;
+    assert_eq!(gone[0]["error"]["type"], "SystemError");
+    assert_eq!(gone[0]["call"]["httpStatus"], 502);
+    assert!(
+        gone[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gone")
+    );
+    // By now the records of the other calls would have landed too, had they been made.
+    assert_eq!(
+        gw.get("/v1/runs?functionName=quiet").await.json(),
+        json!([])
+    );
+    assert_eq!(gw.get("/v1/runs?functionName=fine").await.json(), json!([]));
+}

@@ -47,7 +47,7 @@ pub async fn create(
                 .into(),
         ));
     }
-    let run_name = crate::model::new_id().to_string();
+    let run_name = crate::model::new_run_name().to_string();
     let run = match idempotency_key(&headers)? {
         None => app.invoker.run(&name, request, &headers, run_name).await?,
         Some(key) => run_once(app, &name, &key, request, &headers, run_name).await?,

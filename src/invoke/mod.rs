@@ -35,8 +35,8 @@ use crate::body::{BodyTooLarge, BoxError, ReqBody, RespBody};
 use crate::config::LimitsConfig;
 use crate::error::{Error, error_chain};
 use crate::metrics::Rejection;
-use crate::model::{CallFacts, Run, RunError, RunRequest, Status, unix_now};
-use crate::records::Recorder;
+use crate::model::{CallFacts, RecordMode, Run, RunError, RunRequest, Status, unix_now};
+use crate::records::{Captured, RawCall, Recorder};
 use crate::registry::{FunctionEntry, Registry};
 use balance::Endpoint;
 use pool::{PooledConn, SendError};
@@ -150,23 +150,107 @@ impl Invoker {
         started: Instant,
     ) -> Result<Response<RespBody>, Error> {
         let function = self.resolve(name)?;
+        let now_ns = unix_nanos();
+        // What a record of this call needs from the request, taken before it moves on.
+        let recording = (function.record != RecordMode::None).then(|| {
+            let captured = (!req.body().is_end_stream())
+                .then(|| Arc::new(std::sync::Mutex::new(Captured::default())));
+            Recording {
+                mode: function.record,
+                recorder: self.recorder.clone(),
+                call: RawCall {
+                    function_name: function.spec.name.clone(),
+                    function_id: function.spec.id.clone(),
+                    call_id: call_id.clone(),
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    started_us: (now_ns / 1_000) as i64,
+                    duration: Duration::ZERO,
+                    status: 0,
+                    endpoint: String::new(),
+                    request: captured,
+                    response: Captured::default(),
+                    failure: None,
+                    complete: false,
+                },
+            }
+        });
+        let sent = self
+            .proxy_call(
+                &function,
+                rest,
+                req,
+                peer,
+                call_id,
+                started,
+                now_ns,
+                recording.as_ref(),
+            )
+            .await;
+        match sent {
+            Ok((resp, call, conn, timer)) => {
+                Ok(self.respond_raw(call, resp, conn, started, now_ns, timer, recording))
+            }
+            Err((e, endpoint)) => {
+                if let Some(mut rec) = recording {
+                    rec.call.status = e.status().as_u16();
+                    rec.call.duration = started.elapsed();
+                    rec.call.endpoint = endpoint;
+                    rec.call.failure = Some(e.to_string());
+                    rec.call.complete = true;
+                    rec.recorder.record_raw(rec.call);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Phases 2 and 3 of a raw call. A failure comes with the endpoint it happened on.
+    #[allow(clippy::too_many_arguments)]
+    async fn proxy_call(
+        &self,
+        function: &Arc<FunctionEntry>,
+        rest: &str,
+        req: Request<Incoming>,
+        peer: &headers::Peer,
+        call_id: &HeaderValue,
+        started: Instant,
+        now_ns: u128,
+        recording: Option<&Recording>,
+    ) -> Result<(Response<Incoming>, CallGuard, PooledConn, Pin<Box<Sleep>>), (Error, String)> {
         let limit = self.limits.raw_body_bytes;
         if limit > 0 && content_length(req.headers()).is_some_and(|n| n > limit) {
-            return Err(self.too_large(&function, limit, started));
+            return Err((self.too_large(function, limit, started), String::new()));
         }
         let deadline = started + function.timeout;
-        let mut call = self.admit(&function, started, deadline).await?;
+        let mut call = self
+            .admit(function, started, deadline)
+            .await
+            .map_err(|e| (e, String::new()))?;
 
-        let start_time = HeaderValue::from(unix_nanos() as u64);
+        let start_time = HeaderValue::from(now_ns as u64);
         let (mut parts, body) = req.into_parts();
         headers::to_upstream(&mut parts.headers, peer, call_id, &start_time);
-        let upstream_req = Request::from_parts(parts, ReqBody::stream(body, limit));
+        let capture = recording
+            .and_then(|r| r.call.request.clone())
+            .map(|c| (c, self.recorder.body_bytes()));
+        let upstream_req = Request::from_parts(parts, ReqBody::stream(body, limit, capture));
         // One timer for the whole call: it bounds the wait for the head, then the body.
         let mut timer = Box::pin(tokio::time::sleep_until(deadline));
-        let (resp, conn) = self
+        match self
             .forward(&mut call, upstream_req, rest, &mut timer)
-            .await?;
-        Ok(self.respond_raw(call, resp, conn, started, start_time, timer))
+            .await
+        {
+            Ok((resp, conn)) => Ok((resp, call, conn, timer)),
+            Err(e) => {
+                let endpoint = call
+                    .endpoint
+                    .as_ref()
+                    .map(|p| p.origin.clone())
+                    .unwrap_or_default();
+                Err((e, endpoint))
+            }
+        }
     }
 
     /// The Dispatch surface: one blocking run of function `name`. A function that failed,
@@ -433,14 +517,16 @@ impl Invoker {
     /// Phase 4, raw: the upstream's head with hop-by-hop headers removed and OpenFaaS'
     /// headers added; its body streams through, and the connection goes back to the pool
     /// when the body ends.
+    #[allow(clippy::too_many_arguments)]
     fn respond_raw(
         &self,
         mut call: CallGuard,
         resp: Response<Incoming>,
         conn: PooledConn,
         started: Instant,
-        start_time: HeaderValue,
+        now_ns: u128,
         timer: Pin<Box<Sleep>>,
+        recording: Option<Recording>,
     ) -> Response<RespBody> {
         let (mut parts, body) = resp.into_parts();
         call.code = parts.status.as_u16();
@@ -449,14 +535,25 @@ impl Invoker {
             headers::X_DURATION_SECONDS.clone(),
             headers::seconds(started.elapsed()),
         );
-        parts
-            .headers
-            .insert(headers::X_START_TIME.clone(), start_time);
+        parts.headers.insert(
+            headers::X_START_TIME.clone(),
+            HeaderValue::from(now_ns as u64),
+        );
+        let record = recording.map(|mut rec| {
+            rec.call.status = call.code;
+            rec.call.endpoint = call
+                .endpoint
+                .as_ref()
+                .map(|p| p.origin.clone())
+                .unwrap_or_default();
+            Box::new(rec)
+        });
         let body = UpstreamBody {
             inner: body,
             conn: Some(conn),
             call: Some(call),
             deadline: timer,
+            record,
         };
         Response::from_parts(parts, RespBody::Upstream(body))
     }
@@ -575,6 +672,15 @@ pub struct UpstreamBody {
     conn: Option<PooledConn>,
     call: Option<CallGuard>,
     deadline: Pin<Box<Sleep>>,
+    /// The call's record, finished and handed to the recorder when the body ends.
+    record: Option<Box<Recording>>,
+}
+
+/// A raw call being recorded.
+pub struct Recording {
+    mode: RecordMode,
+    recorder: Recorder,
+    call: RawCall,
 }
 
 impl UpstreamBody {
@@ -583,6 +689,20 @@ impl UpstreamBody {
             && complete
         {
             conn.release();
+        }
+        if let Some(rec) = self.record.take() {
+            let Recording {
+                mode,
+                recorder,
+                mut call,
+            } = *rec;
+            call.complete = complete;
+            if let Some(guard) = &self.call {
+                call.duration = guard.started.elapsed();
+            }
+            if mode == RecordMode::All || call.failed() {
+                recorder.record_raw(call);
+            }
         }
         self.call.take();
     }
@@ -608,6 +728,10 @@ impl Body for UpstreamBody {
         }
         match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
+                if let (Some(rec), Some(data)) = (this.record.as_mut(), frame.data_ref()) {
+                    let limit = rec.recorder.body_bytes();
+                    rec.call.response.keep(data, limit);
+                }
                 if this.inner.is_end_stream() {
                     this.finish(true);
                 }

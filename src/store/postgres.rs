@@ -19,6 +19,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use super::{
     Claim, FunctionChange, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key,
 };
+use crate::error::error_chain as chain;
 use crate::model::{Function, Run};
 
 /// Schema versions, in order; `schema_migrations` holds the versions that have run.
@@ -86,19 +87,6 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(chain(&e))
-}
-
-/// An error and its sources, `: `-separated. tokio-postgres's own message is only the
-/// kind ("db error"); what the server said, or why the socket failed, is in the source.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl PostgresStore {

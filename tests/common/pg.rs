@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+pub use dispatch::error::error_chain as chain;
 use tokio_postgres::NoTls;
 
 /// A database of one test's own, dropped (connections and all) when the test ends.
@@ -64,17 +65,6 @@ pub async fn admin() -> tokio_postgres::Client {
         });
     tokio::spawn(connection);
     client
-}
-
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A TCP relay to the PostgreSQL server that a test can cut and restore: the store "goes

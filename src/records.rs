@@ -120,7 +120,8 @@ pub struct RawCall {
 }
 
 impl RawCall {
-    /// Whether `mode` wants this call recorded.
+    /// Whether the call failed: an HTTP status of 400 or more, a failure of the gateway,
+    /// or an answer cut off (what `"record": "errors"` keeps).
     pub fn failed(&self) -> bool {
         self.status >= 400 || self.failure.is_some() || !self.complete
     }

@@ -361,7 +361,14 @@ async fn write_loop(
             }
         }
         if !stopping && !linger.is_zero() && rx.len() + batch.len() < batch_max {
-            tokio::time::sleep(linger).await;
+            // A shutdown cuts the wait short: everything queued is written at once.
+            tokio::select! {
+                () = tokio::time::sleep(linger) => {}
+                () = stop.notified() => {
+                    stopping = true;
+                    rx.close();
+                }
+            }
         }
         while batch.len() < batch_max {
             match rx.try_recv() {

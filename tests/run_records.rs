@@ -210,10 +210,11 @@ async fn long_inputs_and_outputs_are_cut_and_flagged_in_the_record_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_writes_every_queued_record_before_exit() {
-    // Runs answer without waiting for their records, and the writer takes one run per
-    // transaction: at SIGTERM, records are still queued.
+    // Runs answer without waiting for their records, and the writer waits a minute for
+    // a full batch: at SIGTERM every record is still queued, and only the flush writes it.
     let (mut gw, _up) = gateway_with_envelope_function(&[
-        ("DISPATCH_RECORDS_BATCH", "1"),
+        ("DISPATCH_RECORDS_BATCH", "1000"),
+        ("DISPATCH_RECORDS_LINGER_MS", "60000"),
         ("DISPATCH_RECORDS_WAIT_MS", "0"),
     ])
     .await;
@@ -238,6 +239,12 @@ async fn sigterm_writes_every_queued_record_before_exit() {
         assert_eq!(reply.status, 200, "run {i}: {}", reply.text());
         answered.insert(reply.json()["name"].as_str().unwrap().to_string());
     }
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value("dispatch_run_records_written_total", &[]),
+        0.0,
+        "still queued"
+    );
     gw.terminate();
     let status = gw.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "exit: {status:?}\n{}", gw.log());

@@ -98,14 +98,14 @@ pub async fn update(
 
 pub async fn delete(app: &App, name: &str) -> Result<Response<RespBody>, Error> {
     let _serial = app.writes.lock().await;
-    if app.registry.get(name).is_none() {
+    // Its spec only: an entry held here would keep its connection pools open.
+    let Some(existing) = app.registry.get(name).map(|e| e.spec.clone()) else {
         return Err(Error::NotFound(format!("function \"{name}\" not found")));
-    }
+    };
     app.store.delete_function(name).await?;
-    let removed = app
-        .registry
-        .remove(name)
-        .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
+    // The store's change feed may have taken it out of the registry already (on
+    // PostgreSQL the notification of this very delete can arrive first).
+    let removed = app.registry.remove(name).unwrap_or(existing);
     let mut shown = removed.public();
     shown.status = Status::Deleted;
     tracing::info!(function = %name, "function deleted");

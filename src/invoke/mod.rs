@@ -13,6 +13,7 @@
 
 pub mod balance;
 pub mod envelope;
+pub mod h1;
 pub mod headers;
 pub mod limit;
 pub mod pool;
@@ -39,7 +40,7 @@ use crate::model::{CallFacts, RecordMode, Run, RunError, RunRequest, Status, uni
 use crate::records::{Captured, RawCall, Recorder};
 use crate::registry::{FunctionEntry, Registry};
 use balance::Endpoint;
-use pool::{PooledConn, SendError};
+use pool::{SendError, UpBody};
 
 pub struct Invoker {
     registry: Arc<Registry>,
@@ -188,8 +189,8 @@ impl Invoker {
             )
             .await;
         match sent {
-            Ok((resp, call, conn, timer)) => {
-                Ok(self.respond_raw(call, resp, conn, started, now_ns, timer, recording))
+            Ok((resp, call, timer)) => {
+                Ok(self.respond_raw(call, resp, started, now_ns, timer, recording))
             }
             Err((e, endpoint)) => {
                 if let Some(mut rec) = recording {
@@ -217,7 +218,7 @@ impl Invoker {
         started: Instant,
         now_ns: u128,
         recording: Option<&Recording>,
-    ) -> Result<(Response<Incoming>, CallGuard, PooledConn, Pin<Box<Sleep>>), (Error, String)> {
+    ) -> Result<(Response<UpBody>, CallGuard, Pin<Box<Sleep>>), (Error, String)> {
         let limit = self.limits.raw_body_bytes;
         if limit > 0 && content_length(req.headers()).is_some_and(|n| n > limit) {
             return Err((self.too_large(function, limit, started), String::new()));
@@ -241,7 +242,7 @@ impl Invoker {
             .forward(&mut call, upstream_req, rest, &mut timer)
             .await
         {
-            Ok((resp, conn)) => Ok((resp, call, conn, timer)),
+            Ok(resp) => Ok((resp, call, timer)),
             Err(e) => {
                 let endpoint = call
                     .endpoint
@@ -311,7 +312,7 @@ impl Invoker {
 
         let mut timer = Box::pin(tokio::time::sleep_until(deadline));
         let outcome = match self.forward(&mut call, upstream_req, "", &mut timer).await {
-            Ok((resp, conn)) => self.respond_run(&mut call, resp, conn, &mut timer).await,
+            Ok(resp) => self.respond_run(&mut call, resp, &mut timer).await,
             Err(e) => Err(e),
         };
         match outcome {
@@ -422,7 +423,7 @@ impl Invoker {
         mut req: Request<ReqBody>,
         rest: &str,
         timer: &mut Pin<Box<Sleep>>,
-    ) -> Result<(Response<Incoming>, PooledConn), Error> {
+    ) -> Result<Response<UpBody>, Error> {
         let function = call.function.clone();
         let endpoints = &function.endpoints;
         let mut tried = 0u64;
@@ -490,8 +491,8 @@ impl Invoker {
         }))
     }
 
-    fn send_failed(&self, function: &FunctionEntry, endpoint: &Endpoint, e: hyper::Error) -> Error {
-        if let Some(too_large) = find_cause::<BodyTooLarge>(&e) {
+    fn send_failed(&self, function: &FunctionEntry, endpoint: &Endpoint, e: BoxError) -> Error {
+        if let Some(too_large) = find_cause::<BodyTooLarge>(&*e) {
             function.metrics.reject(Rejection::TooLarge);
             return Error::PayloadTooLarge(format!(
                 "function \"{}\": {too_large}",
@@ -501,7 +502,7 @@ impl Invoker {
         Error::Upstream {
             function: function.spec.name.clone(),
             endpoint: endpoint.pool.origin.clone(),
-            cause: error_chain(&e),
+            cause: error_chain(&*e),
         }
     }
 
@@ -521,8 +522,7 @@ impl Invoker {
     fn respond_raw(
         &self,
         mut call: CallGuard,
-        resp: Response<Incoming>,
-        conn: PooledConn,
+        resp: Response<UpBody>,
         started: Instant,
         now_ns: u128,
         timer: Pin<Box<Sleep>>,
@@ -550,7 +550,6 @@ impl Invoker {
         });
         let body = UpstreamBody {
             inner: body,
-            conn: Some(conn),
             call: Some(call),
             deadline: timer,
             record,
@@ -563,8 +562,7 @@ impl Invoker {
     async fn respond_run(
         &self,
         call: &mut CallGuard,
-        resp: Response<Incoming>,
-        conn: PooledConn,
+        resp: Response<UpBody>,
         timer: &mut Pin<Box<Sleep>>,
     ) -> Result<envelope::Outcome, Error> {
         let status = resp.status();
@@ -598,7 +596,6 @@ impl Invoker {
             }
             Ok(Ok(body)) => body,
         };
-        conn.release();
         Ok(envelope::decode(function.protocol, status, &body))
     }
 }
@@ -620,10 +617,10 @@ fn upstream_uri(endpoint: &Endpoint, rest: &str) -> Result<Uri, Error> {
 }
 
 /// Reads a body to its end, refusing more than `limit` bytes.
-async fn read_limited(mut body: Incoming, limit: u64) -> Result<Bytes, String> {
+async fn read_limited(mut body: UpBody, limit: u64) -> Result<Bytes, String> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("reading the answer: {}", error_chain(&e)))?;
+        let frame = frame.map_err(|e| format!("reading the answer: {}", error_chain(&*e)))?;
         if let Ok(data) = frame.into_data() {
             if (buf.len() + data.len()) as u64 > limit {
                 return Err(format!("the answer exceeds the limit of {limit} bytes"));
@@ -664,12 +661,12 @@ fn find_cause<'a, T: std::error::Error + 'static>(
 }
 
 /// An upstream's response body on its way to the caller. It holds what the call still
-/// owns: the pooled connection (back to the pool at the end of the body, closed if the
-/// body is dropped early) and the [`CallGuard`] (recorded when this is dropped). The
+/// owns: the upstream body (whose connection goes back to its pool at the body's end, and
+/// closes if the body is dropped early) and the [`CallGuard`] (recorded when this is
+/// dropped). The
 /// deadline covers the body too: an upstream that stalls mid-body is cut off.
 pub struct UpstreamBody {
-    inner: Incoming,
-    conn: Option<PooledConn>,
+    inner: UpBody,
     call: Option<CallGuard>,
     deadline: Pin<Box<Sleep>>,
     /// The call's record, finished and handed to the recorder when the body ends.
@@ -685,11 +682,6 @@ pub struct Recording {
 
 impl UpstreamBody {
     fn finish(&mut self, complete: bool) {
-        if let Some(conn) = self.conn.take()
-            && complete
-        {
-            conn.release();
-        }
         if let Some(rec) = self.record.take() {
             let Recording {
                 mode,
@@ -739,7 +731,7 @@ impl Body for UpstreamBody {
             }
             Some(Err(e)) => {
                 this.finish(false);
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             None => {
                 this.finish(true);

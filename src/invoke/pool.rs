@@ -1,8 +1,9 @@
 //! Upstream connections, pooled per endpoint.
 //!
 //! Each endpoint (`http://host:port`) has its own [`HostPool`]: a short list of idle
-//! HTTP/1.1 connections behind that endpoint's own mutex (held for a push or a pop, never
-//! across an await), or one shared HTTP/2 connection for h2c upstreams. There is no global
+//! HTTP/1.1 connections ([`h1::Conn`]) behind that endpoint's own mutex (held for a push or
+//! a pop, never across an await), or one shared HTTP/2 connection (hyper's) for h2c
+//! upstreams. There is no global
 //! lock: hyper-util's legacy client keeps every host's pool behind one mutex and opens extra
 //! connections under bursts (hyper#4134); here a call takes an idle connection if there is
 //! one and opens a new one otherwise, and a connection goes back to its pool when the
@@ -11,18 +12,23 @@
 //! The pool also carries what the balancer needs per endpoint: the calls in flight and
 //! whether the endpoint is ejected after refusing connections.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use dashmap::DashMap;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::client::conn::{TrySendError, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use crate::body::ReqBody;
+use super::h1::{self, Failure};
+use crate::body::{BoxError, ReqBody};
 use crate::config::UpstreamConfig;
 use crate::drivers::Target;
 use crate::metrics::{EndpointMetrics, Metrics};
@@ -113,7 +119,7 @@ impl Drop for HostPool {
 }
 
 struct Idle {
-    sender: http1::SendRequest<ReqBody>,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -128,27 +134,54 @@ pub enum SendError {
         connect_failed: bool,
     },
     /// The request may have reached the function: it must not be sent again.
-    Failed(hyper::Error),
+    Failed(BoxError),
 }
 
-/// A connection lent to one call; [`PooledConn::release`] gives it back once the
-/// response has been read to the end. Dropped instead, it is closed.
-pub struct PooledConn {
-    sender: Sender,
-    pool: Arc<HostPool>,
+/// An upstream's answer body: read straight from an HTTP/1.1 connection (which goes back
+/// to its pool at the body's end), or a stream of the shared h2c connection.
+pub enum UpBody {
+    H1(h1::Body),
+    H2(Incoming),
 }
 
-enum Sender {
-    H1(http1::SendRequest<ReqBody>),
-    H2,
-}
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
 
-impl PooledConn {
-    pub fn release(self) {
-        if let Sender::H1(sender) = self.sender {
-            self.pool.put_idle(sender);
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::H1(body) => Pin::new(body).poll_frame(cx),
+            UpBody::H2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::H1(body) => body.is_end_stream(),
+            UpBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::H1(body) => body.size_hint(),
+            UpBody::H2(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Methods a request of which may go out again when a reused connection turns out to have
+/// been closed by the upstream (RFC 9110 9.2.2), as nginx does.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
 }
 
 impl HostPool {
@@ -180,43 +213,50 @@ impl HostPool {
     pub async fn send(
         self: &Arc<Self>,
         request: Request<ReqBody>,
-    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
+    ) -> Result<Response<UpBody>, SendError> {
         if self.http2 {
             return Box::pin(self.send_h2(request)).await;
         }
         let mut request = request;
-        while let Some(mut sender) = self.take_idle() {
-            if sender.ready().await.is_err() {
-                continue; // closed while idle
-            }
-            match sender.try_send_request(request).await {
-                Ok(resp) => return Ok((resp, self.lend(Sender::H1(sender)))),
-                Err(mut e) => match e.take_message() {
-                    // The connection went away before the request was written: try the next.
-                    Some(back) => request = back,
-                    None => return Err(SendError::Failed(e.into_error())),
+        loop {
+            let conn = match self.take_idle() {
+                Some(conn) => conn,
+                // Boxed: connecting is rare, and its future would otherwise make every
+                // call's bigger.
+                None => match Box::pin(self.connect_h1()).await {
+                    Ok(conn) => conn,
+                    Err(cause) => {
+                        return Err(SendError::NotSent {
+                            request: Box::new(request),
+                            cause,
+                            connect_failed: true,
+                        });
+                    }
                 },
+            };
+            let reused = conn.is_reused();
+            match conn.send(&mut request, self).await {
+                Ok(resp) => return Ok(resp.map(UpBody::H1)),
+                // A reused connection the upstream closed while it sat idle: the next one.
+                Err(Failure::Unwritten(_)) if reused => continue,
+                Err(Failure::NoAnswer(_)) if reused && is_idempotent(request.method()) => continue,
+                Err(Failure::Unwritten(cause)) => {
+                    return Err(SendError::NotSent {
+                        request: Box::new(request),
+                        cause,
+                        connect_failed: false,
+                    });
+                }
+                Err(Failure::NoAnswer(cause)) => return Err(SendError::Failed(cause.into())),
+                Err(Failure::Failed(e)) => return Err(SendError::Failed(e)),
             }
         }
-        // Boxed: connecting is rare, and its future would otherwise make every call's bigger.
-        let mut sender = match Box::pin(self.connect_h1()).await {
-            Ok(sender) => sender,
-            Err(cause) => {
-                return Err(SendError::NotSent {
-                    request: Box::new(request),
-                    cause,
-                    connect_failed: true,
-                });
-            }
-        };
-        let sent = sender.try_send_request(request).await;
-        self.outcome(sent, Sender::H1(sender))
     }
 
     async fn send_h2(
         self: &Arc<Self>,
         request: Request<ReqBody>,
-    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
+    ) -> Result<Response<UpBody>, SendError> {
         let mut sender = match self.live_h2() {
             Some(sender) => sender,
             None => match Box::pin(self.connect_shared_h2()).await {
@@ -238,27 +278,7 @@ impl HostPool {
             });
         }
         let sent = sender.try_send_request(request).await;
-        self.outcome(sent, Sender::H2)
-    }
-
-    /// A response with the connection it came on; or the request back if it was never
-    /// written (the connection closed first), or a final error if it may have been.
-    fn outcome(
-        self: &Arc<Self>,
-        sent: Result<Response<Incoming>, TrySendError<Request<ReqBody>>>,
-        sender: Sender,
-    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
-        match sent {
-            Ok(resp) => Ok((resp, self.lend(sender))),
-            Err(mut e) => match e.take_message() {
-                Some(back) => Err(SendError::NotSent {
-                    request: Box::new(back),
-                    cause: e.error().to_string(),
-                    connect_failed: false,
-                }),
-                None => Err(SendError::Failed(e.into_error())),
-            },
-        }
+        outcome(sent)
     }
 
     fn live_h2(&self) -> Option<http2::SendRequest<ReqBody>> {
@@ -282,29 +302,20 @@ impl HostPool {
         Ok(sender)
     }
 
-    fn lend(self: &Arc<Self>, sender: Sender) -> PooledConn {
-        PooledConn {
-            sender,
-            pool: self.clone(),
-        }
-    }
-
-    fn take_idle(&self) -> Option<http1::SendRequest<ReqBody>> {
+    fn take_idle(&self) -> Option<h1::Conn> {
         let max_age = self.settings.idle_timeout();
         let mut idle = self.idle.lock().expect("pool lock");
         while let Some(entry) = idle.pop() {
             self.metrics.idle.dec();
-            if !entry.sender.is_closed() && entry.since.elapsed() < max_age {
-                return Some(entry.sender);
+            if entry.conn.is_usable() && entry.since.elapsed() < max_age {
+                return Some(entry.conn);
             }
         }
         None
     }
 
-    fn put_idle(&self, sender: http1::SendRequest<ReqBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Takes back a connection whose last answer was read to the end.
+    pub(super) fn put_idle(&self, conn: h1::Conn) {
         let now = Instant::now();
         let max_age = self.settings.idle_timeout();
         let mut idle = self.idle.lock().expect("pool lock");
@@ -317,12 +328,12 @@ impl HostPool {
             self.metrics.idle.dec();
         }
         if idle.len() < self.settings.pool_max_idle {
-            idle.push(Idle { sender, since: now });
+            idle.push(Idle { conn, since: now });
             self.metrics.idle.inc();
         }
     }
 
-    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, String> {
+    async fn connect_tcp(&self) -> Result<TcpStream, String> {
         let timeout = self.settings.connect_timeout();
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(&self.connect_to)).await
         {
@@ -337,20 +348,15 @@ impl HostPool {
         };
         let _ = stream.set_nodelay(true);
         self.metrics.opened.inc();
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, String> {
-        let io = self.connect_tcp().await?;
-        let (sender, conn) = http1::handshake(io)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        Ok(sender)
+    async fn connect_h1(&self) -> Result<h1::Conn, String> {
+        Ok(h1::Conn::new(self.connect_tcp().await?))
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<ReqBody>, String> {
-        let io = self.connect_tcp().await?;
+        let io = TokioIo::new(self.connect_tcp().await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -359,5 +365,23 @@ impl HostPool {
             .map_err(|e| format!("h2c handshake: {e}"))?;
         tokio::spawn(conn);
         Ok(sender)
+    }
+}
+
+/// An h2c answer, or the request back if it was never written (the connection closed
+/// first), or a final error if it may have been.
+fn outcome(
+    sent: Result<Response<Incoming>, TrySendError<Request<ReqBody>>>,
+) -> Result<Response<UpBody>, SendError> {
+    match sent {
+        Ok(resp) => Ok(resp.map(UpBody::H2)),
+        Err(mut e) => match e.take_message() {
+            Some(back) => Err(SendError::NotSent {
+                request: Box::new(back),
+                cause: e.error().to_string(),
+                connect_failed: false,
+            }),
+            None => Err(SendError::Failed(Box::new(e.into_error()))),
+        },
     }
 }

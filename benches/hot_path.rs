@@ -28,7 +28,9 @@ use dispatch::registry::{FunctionEntry, Registry};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn new_registry() -> Registry {
-    Registry::new(&Config::defaults(), Arc::new(Metrics::new()))
+    let data = std::env::temp_dir().join("dispatch-bench-registry");
+    let files = dispatch::drivers::local::LocalFiles::new(&data).expect("temp dir");
+    Registry::new(&Config::defaults(), files, Arc::new(Metrics::new()))
 }
 
 /// A static, raw function with the given endpoints, as the control API would receive it.

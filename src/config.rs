@@ -22,6 +22,30 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub records: RecordsConfig,
     pub openfaas: OpenfaasConfig,
+    pub local: LocalConfig,
+}
+
+/// The `local` driver: runtime processes this server starts for functions registered
+/// without an `upstream`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    pub start: LocalStart,
+    pub processes: usize,
+    pub process_concurrency: usize,
+    pub idle_seconds: u64,
+    pub start_timeout_ms: u64,
+    pub max_log_bytes: u64,
+    pub python3: String,
+    pub nodejs: String,
+}
+
+/// When a local function's processes start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalStart {
+    FirstCall,
+    Registration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +198,12 @@ impl Config {
         }
         if self.records.batch == 0 {
             return bad("records.batch", "must be at least 1");
+        }
+        if self.local.processes == 0 {
+            return bad("local.processes", "must be at least 1");
+        }
+        if self.local.process_concurrency == 0 {
+            return bad("local.process_concurrency", "must be at least 1");
         }
         if self.upstream.connect_attempts == 0 {
             return bad("upstream.connect_attempts", "must be at least 1");

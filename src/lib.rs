@@ -16,4 +16,5 @@ pub mod records;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;

@@ -186,11 +186,30 @@ impl Function {
             }
         }
         let Some(up) = &self.upstream else {
-            return Err(Error::BadRequest(format!(
-                "upstream: required for function \"{}\" (this gateway runs functions on the \
-                 static and openfaas drivers; functions built from source need the local driver)",
-                self.name
-            )));
+            // The local driver: built from source, run by this gateway.
+            let missing = |field: &str| {
+                Error::BadRequest(format!(
+                    "{field}: required for function \"{}\" (a function without an `upstream` \
+                     runs here, from its image, handler and source)",
+                    self.name
+                ))
+            };
+            if self.image.as_deref().is_none_or(str::is_empty) {
+                return Err(missing("image"));
+            }
+            let handler = self.handler.as_deref().unwrap_or("");
+            if handler.is_empty() {
+                return Err(missing("handler"));
+            }
+            if !handler.contains('.') || handler.starts_with('.') || handler.ends_with('.') {
+                return Err(Error::BadRequest(format!(
+                    "handler: \"{handler}\" must be file.function (for example hello.handle)"
+                )));
+            }
+            if self.source.as_deref().is_none_or(str::is_empty) {
+                return Err(missing("source"));
+            }
+            return Ok(());
         };
         match up.driver {
             DriverKind::Static => {

@@ -12,6 +12,7 @@ use dashmap::DashMap;
 
 use crate::config::Config;
 use crate::drivers::Drivers;
+use crate::drivers::local::{LocalFiles, LocalSpec, Runtime};
 use crate::error::Error;
 use crate::invoke::balance::Endpoint;
 use crate::invoke::limit::Limiter;
@@ -25,6 +26,8 @@ pub struct FunctionEntry {
     /// The function as registered (and as the API shows it).
     pub spec: Function,
     pub endpoints: Box<[Endpoint]>,
+    /// A function of the local driver: what its runtime processes run (no `endpoints`).
+    pub local: Option<LocalSpec>,
     pub protocol: Protocol,
     /// The run deadline: the function's `timeout`, or the server default.
     pub timeout: Duration,
@@ -40,6 +43,10 @@ pub struct Registry {
     functions: DashMap<String, Arc<FunctionEntry>>,
     pools: Pools,
     drivers: Drivers,
+    /// Where local functions' sources unpack.
+    local_files: LocalFiles,
+    /// The runtime of each image (its base image's language), for local functions.
+    image_runtimes: DashMap<String, Runtime>,
     metrics: Arc<Metrics>,
     default_timeout: Duration,
     default_max_queue: u32,
@@ -47,11 +54,13 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: &Config, local_files: LocalFiles, metrics: Arc<Metrics>) -> Self {
         Registry {
             functions: DashMap::new(),
             pools: Pools::new(config.upstream.clone(), metrics.clone()),
             drivers: Drivers::new(config.openfaas.clone()),
+            local_files,
+            image_runtimes: DashMap::new(),
             metrics,
             default_timeout: Duration::from_millis(config.limits.default_timeout_ms),
             default_max_queue: config.limits.max_queue,
@@ -67,27 +76,35 @@ impl Registry {
     /// before it writes the store, so a function that cannot be called is never stored.
     pub fn prepare(&self, function: Function) -> Result<FunctionEntry, Error> {
         function.validate()?;
-        let upstream = function
-            .upstream
-            .as_ref()
-            .ok_or_else(|| Error::BadRequest("upstream: required".into()))?;
-        let targets = self
-            .drivers
-            .get(upstream.driver)
-            .targets(&function, upstream)?;
-        let endpoints: Box<[Endpoint]> = targets
-            .iter()
-            .map(|t| Endpoint {
-                pool: self.pools.get(t, upstream.http2),
-                path_prefix: t.path_prefix.clone(),
-            })
-            .collect();
+        let (endpoints, local, protocol) = match &function.upstream {
+            Some(upstream) => {
+                let targets = self
+                    .drivers
+                    .get(upstream.driver)
+                    .targets(&function, upstream)?;
+                let endpoints: Box<[Endpoint]> = targets
+                    .iter()
+                    .map(|t| Endpoint {
+                        pool: self.pools.get(t, upstream.http2),
+                        path_prefix: t.path_prefix.clone(),
+                    })
+                    .collect();
+                (endpoints, None, upstream.protocol)
+            }
+            None => (
+                Box::default(),
+                Some(self.local_spec(&function)?),
+                Protocol::Dispatch,
+            ),
+        };
         let previous = self.get(&function.name);
         let metrics = match &previous {
             Some(old) => old.metrics.clone(),
             None => Arc::new(self.metrics.for_function(&function.name)),
         };
-        metrics.service_count.set(endpoints.len() as i64);
+        metrics
+            .service_count
+            .set(endpoints.len().max(usize::from(local.is_some())) as i64);
         let timeout = match function.timeout {
             Some(ms) if ms > 0 => Duration::from_millis(ms),
             _ => self.default_timeout,
@@ -100,13 +117,46 @@ impl Registry {
         };
         Ok(FunctionEntry {
             record: function.record.unwrap_or(self.default_record),
-            protocol: upstream.protocol,
+            protocol,
             spec: function,
             endpoints,
+            local,
             timeout,
             limiter,
             metrics,
         })
+    }
+
+    /// What a local function runs: its image's runtime, handler and source.
+    fn local_spec(&self, function: &Function) -> Result<LocalSpec, Error> {
+        let image = function.image.as_deref().unwrap_or_default();
+        let runtime = *self.image_runtimes.get(image).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "image: \"{image}\" not found (create it with POST /v1/image first)"
+            ))
+        })?;
+        Ok(self.local_files.spec(
+            &function.name,
+            runtime,
+            function.handler.as_deref().unwrap_or_default(),
+            function.source.as_deref().unwrap_or_default(),
+        ))
+    }
+
+    /// Notes the runtime of an image (its base image's language), or forgets the image.
+    pub fn set_image_runtime(&self, image: &str, runtime: Option<Runtime>) {
+        match runtime {
+            Some(runtime) => {
+                self.image_runtimes.insert(image.to_string(), runtime);
+            }
+            None => {
+                self.image_runtimes.remove(image);
+            }
+        }
+    }
+
+    pub fn local_files(&self) -> &LocalFiles {
+        &self.local_files
     }
 
     /// Publishes a function read from the store, unless it is what the registry has already.

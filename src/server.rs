@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, App};
 use crate::config::Config;
+use crate::drivers::local::LocalFiles;
 use crate::invoke::Invoker;
 use crate::invoke::headers::Peer;
 use crate::metrics::Metrics;
@@ -25,6 +26,7 @@ use crate::registry::Registry;
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
+use crate::supervisor::Supervisor;
 
 /// Why the server could not start; the message names the path, address or key.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +47,19 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let (store, store_name) = open_store(&config).await?;
-        let registry = Arc::new(Registry::new(&config, metrics.clone()));
+        let local_files = LocalFiles::new(&config.server.data_dir).map_err(|e| {
+            StartError(format!(
+                "server.data_dir: cannot write the local runtimes under {}: {e}",
+                config.server.data_dir.display()
+            ))
+        })?;
+        let supervisor = Supervisor::new(
+            config.local.clone(),
+            local_files.clone(),
+            config.upstream.clone(),
+            metrics.clone(),
+        );
+        let registry = Arc::new(Registry::new(&config, local_files, metrics.clone()));
         let functions = store
             .list_functions()
             .await
@@ -68,6 +82,7 @@ impl Server {
             config.limits.clone(),
             config.upstream.connect_attempts,
             recorder,
+            supervisor.clone(),
         );
         let drain = Duration::from_secs(config.server.drain_seconds);
         let app = Arc::new(App {
@@ -76,6 +91,7 @@ impl Server {
             invoker,
             store,
             metrics,
+            supervisor,
             accepting: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
         });

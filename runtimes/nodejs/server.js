@@ -277,10 +277,14 @@ function parseArgs() {
       port: { type: 'string', default: '0' },
       'max-log-bytes': { type: 'string', default: String(1 << 20) },
       check: { type: 'boolean', default: false },
+      // Exit when stdin closes: the gateway holds its end, so a gateway that dies (even by
+      // SIGKILL) takes its runtimes with it.
+      'exit-with-stdin': { type: 'boolean', default: false },
     },
   });
   const opts = {
     dir: values.dir, handler: values.handler, host: values.host, check: values.check,
+    exitWithStdin: values['exit-with-stdin'],
     port: Number(values.port), maxLogBytes: Number(values['max-log-bytes']),
   };
   if (!opts.dir || !opts.handler) throw new Error('--dir and --handler are required');
@@ -307,6 +311,11 @@ function main() {
   const { fn, reason } = loadHandler(opts.dir, opts.handler);
   if (!fn) return say({ ok: false, reason }, EXIT_NOT_LOADABLE);
   if (opts.check) return say({ ok: true }, 0);
+  if (opts.exitWithStdin) {
+    process.stdin.on('end', () => process.exit(0));
+    process.stdin.on('error', () => process.exit(0));
+    process.stdin.resume();
+  }
   serve({ ...opts, fn });
 }
 

@@ -289,6 +289,14 @@ def say(value):
     PROTOCOL_OUT.flush()
 
 
+def exit_at_stdin_eof():
+    """Reads stdin to its end (the gateway writes nothing), then ends the process."""
+    while sys.stdin.buffer.read(4096):
+        pass
+    REAL_ERR.flush()
+    os._exit(0)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Dispatch python3 function runtime")
     p.add_argument("--dir", required=True, help="the function's unpacked source")
@@ -297,6 +305,9 @@ def parse_args(argv):
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--max-log-bytes", type=int, default=1 << 20, help="per call, both streams")
     p.add_argument("--check", action="store_true", help="only load the handler and say so")
+    p.add_argument("--exit-with-stdin", action="store_true",
+                   help="exit when stdin closes (the gateway holds its end: a gateway that dies, "
+                        "even by SIGKILL, takes its runtimes with it)")
     args = p.parse_args(argv)
     if args.max_log_bytes < 0:
         p.error("--max-log-bytes must not be negative")
@@ -322,6 +333,8 @@ def main(argv=None):
     say({"listening": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.exit_with_stdin:
+        threading.Thread(target=exit_at_stdin_eof, daemon=True).start()
     try:
         server.serve_forever()
     except Stop:

@@ -2,11 +2,15 @@
 //! `GET /v1/function[?tags=k=v]`, `GET|PUT|DELETE /v1/function/{name}`. Writes go to the
 //! store first, then to the registry the hot path reads.
 
+use std::sync::Arc;
+
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::{App, parse_json, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
+use crate::config::LocalStart;
+use crate::drivers::local::LocalSpec;
 use crate::error::Error;
 use crate::model::{Function, Status, unix_now};
 
@@ -17,22 +21,91 @@ fn parse(body: &[u8]) -> Result<Function, Error> {
     parse_json(body, "function")
 }
 
-pub async fn create(app: &App, req: Request<Incoming>) -> Result<Response<RespBody>, Error> {
+pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<RespBody>, Error> {
     let mut function = parse(&read_body(req, app.config.limits.body_bytes).await?)?;
     let now = unix_now();
     function.id = crate::model::new_id().to_string();
     function.kind = "Function".into();
     function.created_time = now;
     function.modified_time = now;
-    function.status = Status::Ready;
+    function.status = initial_status(&function);
     function.reason.clear();
     let _serial = app.writes.lock().await;
     let entry = app.registry.prepare(function)?;
     app.store.create_function(&entry.spec).await?;
     let shown = entry.spec.clone().public();
+    let build = entry.local.clone();
     app.registry.insert(entry);
     tracing::info!(function = %shown.name, "function created");
+    if let Some(spec) = build {
+        tokio::spawn(build_local(app.clone(), spec));
+    }
     Ok(json_response(StatusCode::CREATED, &shown))
+}
+
+/// A function of the local driver is CREATING until its source is unpacked and its handler
+/// loads; the others are READY at once.
+fn initial_status(function: &Function) -> Status {
+    match function.upstream {
+        Some(_) => Status::Ready,
+        None => Status::Creating,
+    }
+}
+
+/// Unpacks a local function's source and loads its handler once, then makes it READY, or
+/// ERROR with the reason (no such file, no such function, a syntax error and its line).
+/// A function changed or deleted meanwhile is left alone: its own build decides.
+async fn build_local(app: Arc<App>, spec: LocalSpec) {
+    let outcome = match spec.unpack().await {
+        Ok(()) => {
+            spec.check(app.supervisor.config(), app.supervisor.files())
+                .await
+        }
+        Err(why) => Err(why),
+    };
+    let _serial = app.writes.lock().await;
+    let Some(mut function) = app
+        .registry
+        .get(&spec.function)
+        .filter(|current| current.local.as_ref() == Some(&spec))
+        .map(|current| current.spec.clone())
+    else {
+        return;
+    };
+    match &outcome {
+        Ok(()) => {
+            function.status = Status::Ready;
+            function.reason.clear();
+        }
+        Err(why) => {
+            function.status = Status::Error;
+            function.reason = vec![why.clone()];
+        }
+    }
+    let entry = match app.registry.prepare(function) {
+        Ok(entry) => entry,
+        Err(e) => {
+            tracing::warn!(function = %spec.function, error = %e, "local function not built");
+            return;
+        }
+    };
+    if let Err(e) = app.store.update_function(&entry.spec).await {
+        tracing::warn!(function = %spec.function, error = %e, "local function built, status not stored");
+        return;
+    }
+    app.registry.insert(entry);
+    drop(_serial);
+    match outcome {
+        Ok(()) => {
+            tracing::info!(function = %spec.function, runtime = spec.runtime.name(), "function READY");
+            if app.supervisor.config().start == LocalStart::Registration
+                && let Err(why) = app.supervisor.warm(&spec).await
+            {
+                tracing::warn!(function = %spec.function, error = %why, "runtime did not start");
+            }
+        }
+        Err(why) => tracing::warn!(function = %spec.function, reason = %why, "function ERROR"),
+    }
 }
 
 pub fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, Error> {
@@ -62,7 +135,7 @@ pub fn get(app: &App, name: &str) -> Result<Response<RespBody>, Error> {
 }
 
 pub async fn update(
-    app: &App,
+    app: &Arc<App>,
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
@@ -86,13 +159,20 @@ pub async fn update(
     function.kind = "Function".into();
     function.created_time = created_time;
     function.modified_time = unix_now();
-    function.status = Status::Ready;
+    function.status = initial_status(&function);
     function.reason.clear();
     let entry = app.registry.prepare(function)?;
     app.store.update_function(&entry.spec).await?;
     let shown = entry.spec.clone().public();
+    let build = entry.local.clone();
     app.registry.insert(entry);
     tracing::info!(function = %name, "function updated");
+    match build {
+        Some(spec) => {
+            tokio::spawn(build_local(app.clone(), spec));
+        }
+        None => app.supervisor.forget(name),
+    }
     Ok(json_response(StatusCode::OK, &shown))
 }
 

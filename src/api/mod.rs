@@ -22,6 +22,7 @@ use crate::invoke::headers::Peer;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
+use crate::supervisor::Supervisor;
 
 /// Everything a request handler may need, shared by all connections.
 pub struct App {
@@ -30,6 +31,8 @@ pub struct App {
     pub invoker: Invoker,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// The local driver's runtime processes.
+    pub supervisor: Arc<Supervisor>,
     /// True while the listener accepts connections (for `/readyz`).
     pub accepting: AtomicBool,
     /// Serializes the control API's writes (store, then registry), so that a PUT and a

@@ -4,6 +4,8 @@
 //! `[openfaas]` section says. The `local` driver (runtime processes this server starts)
 //! and Kubernetes pod discovery join here later.
 
+pub mod local;
+
 use crate::config::OpenfaasConfig;
 use crate::error::Error;
 use crate::model::{DriverKind, Function, UpstreamSpec};

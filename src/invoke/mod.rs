@@ -34,11 +34,15 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BodyTooLarge, BoxError, ReqBody, RespBody};
 use crate::config::LimitsConfig;
+use crate::drivers::local::LocalSpec;
 use crate::error::{Error, error_chain};
 use crate::metrics::Rejection;
-use crate::model::{CallFacts, RecordMode, Run, RunError, RunRequest, Status, unix_now};
+use crate::model::{
+    CallFacts, RecordMode, Run, RunError, RunErrorType, RunRequest, Status, unix_now,
+};
 use crate::records::{Captured, RawCall, Recorder};
 use crate::registry::{FunctionEntry, Registry};
+use crate::supervisor::{Lease, LeaseError, Supervisor};
 use balance::Endpoint;
 use pool::{SendError, UpBody};
 
@@ -47,6 +51,7 @@ pub struct Invoker {
     limits: LimitsConfig,
     connect_attempts: u32,
     recorder: Recorder,
+    supervisor: Arc<Supervisor>,
 }
 
 /// One call in flight. Created when the call is admitted; dropped when it ends, which is
@@ -60,6 +65,8 @@ pub struct CallGuard {
     code: u16,
     /// The endpoint whose in-flight count this call holds.
     endpoint: Option<Arc<pool::HostPool>>,
+    /// A local function's call: its slot on a runtime process.
+    lease: Option<Lease>,
 }
 
 impl CallGuard {
@@ -75,9 +82,13 @@ impl CallGuard {
         }
     }
 
-    /// Notes the status a failed call answers with, for the metrics.
+    /// Notes the status a failed call answers with, for the metrics. A local call past its
+    /// deadline takes its runtime process down: nothing else stops a handler that loops.
     fn fail(&mut self, e: Error) -> Error {
         self.code = e.status().as_u16();
+        if let (Error::Timeout { .. }, Some(lease)) = (&e, &self.lease) {
+            lease.kill();
+        }
         e
     }
 
@@ -87,6 +98,21 @@ impl CallGuard {
         let metrics = &self.function.metrics;
         metrics.inflight.dec();
         metrics.observe(self.code, self.started.elapsed());
+    }
+}
+
+impl CallGuard {
+    /// How the runtime process of a local call ended, if it did: a process that crashes
+    /// closes its connections a moment before its exit is seen, so this waits briefly.
+    async fn runtime_exit(&self) -> Option<String> {
+        let lease = self.lease.as_ref()?;
+        for _ in 0..20 {
+            if let Some(exit) = lease.exit() {
+                return Some(exit.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
     }
 }
 
@@ -102,12 +128,14 @@ impl Invoker {
         limits: LimitsConfig,
         connect_attempts: u32,
         recorder: Recorder,
+        supervisor: Arc<Supervisor>,
     ) -> Self {
         Invoker {
             registry,
             limits,
             connect_attempts,
             recorder,
+            supervisor,
         }
     }
 
@@ -151,6 +179,9 @@ impl Invoker {
         started: Instant,
     ) -> Result<Response<RespBody>, Error> {
         let function = self.resolve(name)?;
+        if function.local.is_some() {
+            return Box::pin(self.proxy_local(&function, rest, req, call_id)).await;
+        }
         let now_ns = unix_nanos();
         // What a record of this call needs from the request, taken before it moves on.
         let recording = (function.record != RecordMode::None).then(|| {
@@ -204,6 +235,66 @@ impl Invoker {
                 Err(e)
             }
         }
+    }
+
+    /// A raw call to a local function, whose runtime speaks the pod contract: the body
+    /// (JSON, or else taken as a string) becomes a Dispatch run's input, and the run's output
+    /// comes back as JSON; a function error is 500 with the error (400 for bad input), as an
+    /// OpenFaaS function that fails answers. The call is recorded as the run it is.
+    async fn proxy_local(
+        &self,
+        function: &FunctionEntry,
+        rest: &str,
+        req: Request<Incoming>,
+        call_id: &HeaderValue,
+    ) -> Result<Response<RespBody>, Error> {
+        let (parts, body) = req.into_parts();
+        let limit = self.limits.body_bytes;
+        let body = http_body_util::Limited::new(body, limit as usize)
+            .collect()
+            .await
+            .map_err(
+                |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                    Some(_) => Error::PayloadTooLarge(format!(
+                        "function \"{}\": request body exceeds the limit of {limit} bytes",
+                        function.spec.name
+                    )),
+                    None => Error::BadRequest(format!("reading the request body: {e}")),
+                },
+            )?
+            .to_bytes();
+        let input = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let request = RunRequest {
+            blocking: true,
+            input,
+            http_context: Some(serde_json::json!({
+                "method": parts.method.as_str(),
+                "path": path,
+                "query": query,
+            })),
+            ..RunRequest::default()
+        };
+        let run_name = call_id
+            .to_str()
+            .ok()
+            .filter(|id| uuid::Uuid::parse_str(id).is_ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| crate::model::new_run_name().to_string());
+        let run = self
+            .run(&function.spec.name, request, &parts.headers, run_name)
+            .await?;
+        Ok(match &run.error {
+            None => crate::body::json_response(http::StatusCode::OK, &run.output),
+            Some(error) => {
+                let status = match error.kind {
+                    RunErrorType::InputError => http::StatusCode::BAD_REQUEST,
+                    _ => http::StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                crate::body::json_response(status, error)
+            }
+        })
     }
 
     /// Phases 2 and 3 of a raw call. A failure comes with the endpoint it happened on.
@@ -323,7 +414,7 @@ impl Invoker {
             }
             Err(e) => {
                 tracing::warn!(function = name, run = %run.name, error = %e, "run failed");
-                call.code = e.status().as_u16();
+                let e = call.fail(e);
                 run.error = Some(RunError::system(e.to_string()));
             }
         }
@@ -411,6 +502,7 @@ impl Invoker {
             started,
             code: 0,
             endpoint: None,
+            lease: None,
         })
     }
 
@@ -425,6 +517,9 @@ impl Invoker {
         timer: &mut Pin<Box<Sleep>>,
     ) -> Result<Response<UpBody>, Error> {
         let function = call.function.clone();
+        if let Some(spec) = &function.local {
+            return self.forward_local(call, req, spec, timer).await;
+        }
         let endpoints = &function.endpoints;
         let mut tried = 0u64;
         let mut last_failure = String::new();
@@ -489,6 +584,66 @@ impl Invoker {
             endpoint: last_endpoint.to_string(),
             cause: last_failure,
         }))
+    }
+
+    /// Phase 3 for a local function: a slot on one of its runtime processes (started if
+    /// none runs), then the request on that process's pooled connection.
+    async fn forward_local(
+        &self,
+        call: &mut CallGuard,
+        mut req: Request<ReqBody>,
+        spec: &LocalSpec,
+        timer: &mut Pin<Box<Sleep>>,
+    ) -> Result<Response<UpBody>, Error> {
+        let function = call.function.clone();
+        let name = &function.spec.name;
+        let endpoint = format!("local {} runtime", spec.runtime.name());
+        let timeout = || Error::Timeout {
+            function: name.clone(),
+            endpoint: endpoint.clone(),
+            after_ms: function.timeout.as_millis() as u64,
+        };
+        let lease = match self.supervisor.lease(spec, timer.deadline()).await {
+            Ok(lease) => lease,
+            Err(LeaseError::Deadline) => return Err(call.fail(timeout())),
+            Err(LeaseError::Start(why)) => {
+                return Err(call.fail(Error::Upstream {
+                    function: name.clone(),
+                    endpoint,
+                    cause: format!("the runtime did not start: {why}"),
+                }));
+            }
+        };
+        let pool = lease.pool().clone();
+        call.on_endpoint(&pool);
+        call.lease = Some(lease);
+        *req.uri_mut() = Uri::from_static("/");
+        req.headers_mut()
+            .insert(http::header::HOST, pool.host.clone());
+        let sent = tokio::select! {
+            biased;
+            sent = Box::pin(pool.send(req)) => sent,
+            () = timer.as_mut() => return Err(call.fail(timeout())),
+        };
+        match sent {
+            Ok(resp) => Ok(resp),
+            Err(SendError::Failed(e)) => {
+                let mut cause = error_chain(&*e);
+                if let Some(exit) = call.runtime_exit().await {
+                    cause = format!("the runtime process exited ({exit}) during the call");
+                }
+                Err(call.fail(Error::Upstream {
+                    function: name.clone(),
+                    endpoint,
+                    cause,
+                }))
+            }
+            Err(SendError::NotSent { cause, .. }) => Err(call.fail(Error::Upstream {
+                function: name.clone(),
+                endpoint,
+                cause,
+            })),
+        }
     }
 
     fn send_failed(&self, function: &FunctionEntry, endpoint: &Endpoint, e: BoxError) -> Error {

@@ -22,6 +22,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub records: RecordsConfig,
     pub openfaas: OpenfaasConfig,
+    pub runtimes: RuntimesConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +88,25 @@ pub struct RecordsConfig {
 pub struct OpenfaasConfig {
     pub gateway: String,
     pub service: String,
+}
+
+/// The interpreters of the local runtimes: a command looked up on `PATH`, or a path. An
+/// image is READY when its runtime's interpreter is found.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimesConfig {
+    pub python3: String,
+    pub nodejs: String,
+}
+
+impl RuntimesConfig {
+    /// The interpreter command configured for `runtime`.
+    pub fn interpreter(&self, runtime: crate::model::Runtime) -> &str {
+        match runtime {
+            crate::model::Runtime::Python3 => &self.python3,
+            crate::model::Runtime::Nodejs => &self.nodejs,
+        }
+    }
 }
 
 impl UpstreamConfig {
@@ -177,6 +197,12 @@ impl Config {
         }
         if self.upstream.connect_attempts == 0 {
             return bad("upstream.connect_attempts", "must be at least 1");
+        }
+        if self.runtimes.python3.is_empty() {
+            return bad("runtimes.python3", "must name the python3 interpreter");
+        }
+        if self.runtimes.nodejs.is_empty() {
+            return bad("runtimes.nodejs", "must name the node interpreter");
         }
         let (gateway, service) = (&self.openfaas.gateway, &self.openfaas.service);
         if gateway.is_empty() == service.is_empty() {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::drivers::Drivers;
 use crate::error::Error;
@@ -17,7 +18,8 @@ use crate::invoke::balance::Endpoint;
 use crate::invoke::limit::Limiter;
 use crate::invoke::pool::Pools;
 use crate::metrics::{FunctionMetrics, Metrics};
-use crate::model::{Function, Protocol, RecordMode};
+use crate::model::{Function, Protocol, RecordMode, Runtime};
+use crate::schema::Schema;
 use crate::store::{FunctionChange, Store};
 
 /// A function ready to be called.
@@ -34,10 +36,17 @@ pub struct FunctionEntry {
     pub record: RecordMode,
     /// Shared with the entry this one replaces, so an update keeps the series.
     pub metrics: Arc<FunctionMetrics>,
+    /// `schema.in`, compiled; `None` when the function has none (nothing is checked, and
+    /// raw calls stream untouched).
+    pub schema_in: Option<Schema>,
+    /// `schema.out`, compiled.
+    pub schema_out: Option<Schema>,
 }
 
 pub struct Registry {
     functions: DashMap<String, Arc<FunctionEntry>>,
+    /// Base images, images and secrets: what functions refer to by name.
+    pub catalog: Arc<Catalog>,
     pools: Pools,
     drivers: Drivers,
     metrics: Arc<Metrics>,
@@ -50,6 +59,7 @@ impl Registry {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
         Registry {
             functions: DashMap::new(),
+            catalog: Arc::new(Catalog::new(config.runtimes.clone())),
             pools: Pools::new(config.upstream.clone(), metrics.clone()),
             drivers: Drivers::new(config.openfaas.clone()),
             metrics,
@@ -67,6 +77,9 @@ impl Registry {
     /// before it writes the store, so a function that cannot be called is never stored.
     pub fn prepare(&self, function: Function) -> Result<FunctionEntry, Error> {
         function.validate()?;
+        let schema = function.schema.as_ref();
+        let schema_in = Schema::compile("schema.in", schema.and_then(|s| s.input.as_ref()))?;
+        let schema_out = Schema::compile("schema.out", schema.and_then(|s| s.output.as_ref()))?;
         let upstream = function
             .upstream
             .as_ref()
@@ -106,7 +119,15 @@ impl Registry {
             timeout,
             limiter,
             metrics,
+            schema_in,
+            schema_out,
         })
+    }
+
+    /// The runtime of image `name` (from its base image's language), for the local
+    /// driver; see [`Catalog::runtime_of_image`].
+    pub fn runtime_of_image(&self, name: &str) -> Result<Runtime, Error> {
+        self.catalog.runtime_of_image(name)
     }
 
     /// Publishes a function read from the store, unless it is what the registry has already.

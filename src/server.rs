@@ -46,6 +46,15 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let (store, store_name) = open_store(&config).await?;
         let registry = Arc::new(Registry::new(&config, metrics.clone()));
+        // The catalog first: functions name its images and secrets.
+        registry
+            .catalog
+            .load(&*store)
+            .await
+            .map_err(|e| StartError(format!("store {store_name}: {e}")))?;
+        if let Some(changes) = store.watch_catalog() {
+            tokio::spawn(registry.catalog.clone().follow(store.clone(), changes));
+        }
         let functions = store
             .list_functions()
             .await

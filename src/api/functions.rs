@@ -5,7 +5,7 @@
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{App, parse_json, read_body, tag_filters};
+use super::{App, has_tags, parse_json, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
 use crate::model::{Function, Status, unix_now};
@@ -41,13 +41,7 @@ pub fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, Error>
         .registry
         .list()
         .into_iter()
-        .filter(|f| {
-            wanted.iter().all(|(key, value)| {
-                f.tags
-                    .iter()
-                    .any(|t| &t.key == key && value.as_ref().is_none_or(|v| &t.value == v))
-            })
-        })
+        .filter(|f| has_tags(&f.tags, &wanted))
         .map(Function::public)
         .collect();
     Ok(json_response(StatusCode::OK, &functions))

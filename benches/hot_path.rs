@@ -240,10 +240,12 @@ fn answer_for(payload: &Value) -> Vec<u8> {
 
 fn envelope_work(c: &mut Criterion) {
     let mut group = c.benchmark_group("envelope");
+    let no_secrets = serde_json::Map::new();
     let ctx = envelope::Context {
         deadline_unix_ms: 1_736_157_630_000,
         event: None,
         http_context: None,
+        secrets: &no_secrets,
     };
     let small = json!({"name": "Jon", "place": "Winterfell"});
     let large = large_input();

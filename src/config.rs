@@ -23,6 +23,7 @@ pub struct Config {
     pub records: RecordsConfig,
     pub openfaas: OpenfaasConfig,
     pub local: LocalConfig,
+    pub runtimes: RuntimesConfig,
 }
 
 /// The `local` driver: runtime processes this server starts for functions registered
@@ -36,8 +37,6 @@ pub struct LocalConfig {
     pub idle_seconds: u64,
     pub start_timeout_ms: u64,
     pub max_log_bytes: u64,
-    pub python3: String,
-    pub nodejs: String,
 }
 
 /// When a local function's processes start.
@@ -111,6 +110,25 @@ pub struct RecordsConfig {
 pub struct OpenfaasConfig {
     pub gateway: String,
     pub service: String,
+}
+
+/// The interpreters of the local runtimes: a command looked up on `PATH`, or a path. An
+/// image is READY when its runtime's interpreter is found.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimesConfig {
+    pub python3: String,
+    pub nodejs: String,
+}
+
+impl RuntimesConfig {
+    /// The interpreter command configured for `runtime`.
+    pub fn interpreter(&self, runtime: crate::model::Runtime) -> &str {
+        match runtime {
+            crate::model::Runtime::Python3 => &self.python3,
+            crate::model::Runtime::Nodejs => &self.nodejs,
+        }
+    }
 }
 
 impl UpstreamConfig {
@@ -207,6 +225,12 @@ impl Config {
         }
         if self.upstream.connect_attempts == 0 {
             return bad("upstream.connect_attempts", "must be at least 1");
+        }
+        if self.runtimes.python3.is_empty() {
+            return bad("runtimes.python3", "must name the python3 interpreter");
+        }
+        if self.runtimes.nodejs.is_empty() {
+            return bad("runtimes.nodejs", "must name the node interpreter");
         }
         let (gateway, service) = (&self.openfaas.gateway, &self.openfaas.service);
         if gateway.is_empty() == service.is_empty() {

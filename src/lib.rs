@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod body;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod drivers;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod records;
 pub mod registry;
+pub mod schema;
 pub mod server;
 pub mod store;
 pub mod supervisor;

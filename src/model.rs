@@ -251,6 +251,225 @@ impl Function {
     }
 }
 
+/// Checks a name the way Dispatch's `^[\w\d][\w\d\-]*$` pattern does (at most 128
+/// characters), naming the field.
+fn validate_name(field: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::BadRequest(format!("{field}: required")));
+    }
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_alphanumeric() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_alphanumeric() || c == '_' || c == '-') || name.len() > 128
+    {
+        return Err(Error::BadRequest(format!(
+            "{field}: \"{name}\" must be 1 to 128 letters, digits, '_' or '-', not starting with '-'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_tags(tags: &[Tag]) -> Result<(), Error> {
+    for (i, tag) in tags.iter().enumerate() {
+        if tag.key.is_empty() {
+            return Err(Error::BadRequest(format!("tags[{i}].key: required")));
+        }
+    }
+    Ok(())
+}
+
+/// The language runtimes the local driver can start (DESIGN.md, Runtimes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Python3,
+    Nodejs,
+}
+
+impl Runtime {
+    /// The runtime of a Dispatch image language: `python3` -> python3, `nodejs` and
+    /// `nodejs6` -> nodejs; anything else has none.
+    pub fn of_language(language: &str) -> Option<Runtime> {
+        match language {
+            "python3" => Some(Runtime::Python3),
+            "nodejs" | "nodejs6" => Some(Runtime::Nodejs),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Python3 => "python3",
+            Runtime::Nodejs => "nodejs",
+        }
+    }
+}
+
+/// A base image, in Dispatch's shape: a language and, for OpenFaaS, the container image
+/// functions of that language are built on (`dockerUrl`, recorded only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseImage {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "base_image_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub docker_url: String,
+    #[serde(default)]
+    pub language: String,
+    #[serde(default)]
+    pub created_time: i64,
+    #[serde(default)]
+    pub modified_time: i64,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub reason: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+fn base_image_kind() -> String {
+    "BaseImage".to_string()
+}
+
+impl BaseImage {
+    /// Checks what a client sent, naming the first bad field.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_name("name", &self.name)?;
+        if self.language.is_empty() {
+            return Err(Error::BadRequest(
+                "language: required (python3, nodejs or nodejs6 for the local driver)".into(),
+            ));
+        }
+        validate_tags(&self.tags)
+    }
+}
+
+/// What an image adds to its base image: Dispatch's `runtimeDependencies`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeDependencies {
+    #[serde(default)]
+    pub manifest: String,
+}
+
+/// An image, in Dispatch's shape: a base image plus dependencies. Its `language` is its
+/// base image's; `runtime` (our addition) says which local runtime runs its functions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Image {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "image_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub base_image_name: String,
+    /// An OpenFaaS image reference, recorded only.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub docker_url: String,
+    #[serde(default)]
+    pub language: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_dependencies: Option<RuntimeDependencies>,
+    /// Dispatch's `systemDependencies`, kept as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_dependencies: Option<Value>,
+    #[serde(default)]
+    pub created_time: i64,
+    #[serde(default)]
+    pub modified_time: i64,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub reason: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+fn image_kind() -> String {
+    "Image".to_string()
+}
+
+impl Image {
+    /// Checks what a client sent, naming the first bad field.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_name("name", &self.name)?;
+        validate_name("baseImageName", &self.base_image_name)?;
+        validate_tags(&self.tags)
+    }
+}
+
+/// A secret: named values a function gets in its run's `context.secrets`. The values
+/// never leave the gateway except to a function: [`Secret::public`] masks them, and
+/// `Debug` leaves them out, so a log line cannot show them.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Secret {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "secret_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    #[serde(default)]
+    pub created_time: i64,
+    #[serde(default)]
+    pub modified_time: i64,
+}
+
+fn secret_kind() -> String {
+    "Secret".to_string()
+}
+
+/// What the API shows in place of a secret value.
+pub const MASKED: &str = "********";
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("keys", &self.secrets.keys().collect::<Vec<_>>())
+            .field("tags", &self.tags)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Secret {
+    /// Checks what a client sent, naming the first bad field.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_name("name", &self.name)?;
+        if self.secrets.keys().any(String::is_empty) {
+            return Err(Error::BadRequest("secrets: a key is empty".into()));
+        }
+        validate_tags(&self.tags)
+    }
+
+    /// The secret as the API shows it: its keys, each value replaced by `********`.
+    pub fn public(&self) -> Secret {
+        Secret {
+            secrets: self
+                .secrets
+                .keys()
+                .map(|k| (k.clone(), MASKED.to_string()))
+                .collect(),
+            ..self.clone()
+        }
+    }
+}
+
 /// `stdout`/`stderr` lines of one run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Logs {
@@ -290,6 +509,14 @@ impl RunError {
     pub fn function(message: impl Into<String>) -> Self {
         RunError {
             kind: RunErrorType::FunctionError,
+            message: message.into(),
+            stacktrace: Vec::new(),
+        }
+    }
+
+    pub fn input(message: impl Into<String>) -> Self {
+        RunError {
+            kind: RunErrorType::InputError,
             message: message.into(),
             stacktrace: Vec::new(),
         }

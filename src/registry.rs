@@ -10,15 +10,17 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::drivers::Drivers;
-use crate::drivers::local::{LocalFiles, LocalSpec, Runtime};
+use crate::drivers::local::{LocalFiles, LocalSpec};
 use crate::error::Error;
 use crate::invoke::balance::Endpoint;
 use crate::invoke::limit::Limiter;
 use crate::invoke::pool::Pools;
 use crate::metrics::{FunctionMetrics, Metrics};
 use crate::model::{Function, Protocol, RecordMode};
+use crate::schema::Schema;
 use crate::store::{FunctionChange, Store};
 
 /// A function ready to be called.
@@ -37,16 +39,21 @@ pub struct FunctionEntry {
     pub record: RecordMode,
     /// Shared with the entry this one replaces, so an update keeps the series.
     pub metrics: Arc<FunctionMetrics>,
+    /// `schema.in`, compiled; `None` when the function has none (nothing is checked, and
+    /// raw calls stream untouched).
+    pub schema_in: Option<Schema>,
+    /// `schema.out`, compiled.
+    pub schema_out: Option<Schema>,
 }
 
 pub struct Registry {
     functions: DashMap<String, Arc<FunctionEntry>>,
+    /// Base images, images and secrets: what functions refer to by name.
+    pub catalog: Arc<Catalog>,
     pools: Pools,
     drivers: Drivers,
     /// Where local functions' sources unpack.
     local_files: LocalFiles,
-    /// The runtime of each image (its base image's language), for local functions.
-    image_runtimes: DashMap<String, Runtime>,
     metrics: Arc<Metrics>,
     default_timeout: Duration,
     default_max_queue: u32,
@@ -57,10 +64,10 @@ impl Registry {
     pub fn new(config: &Config, local_files: LocalFiles, metrics: Arc<Metrics>) -> Self {
         Registry {
             functions: DashMap::new(),
+            catalog: Arc::new(Catalog::new(config.runtimes.clone())),
             pools: Pools::new(config.upstream.clone(), metrics.clone()),
             drivers: Drivers::new(config.openfaas.clone()),
             local_files,
-            image_runtimes: DashMap::new(),
             metrics,
             default_timeout: Duration::from_millis(config.limits.default_timeout_ms),
             default_max_queue: config.limits.max_queue,
@@ -76,6 +83,9 @@ impl Registry {
     /// before it writes the store, so a function that cannot be called is never stored.
     pub fn prepare(&self, function: Function) -> Result<FunctionEntry, Error> {
         function.validate()?;
+        let schema = function.schema.as_ref();
+        let schema_in = Schema::compile("schema.in", schema.and_then(|s| s.input.as_ref()))?;
+        let schema_out = Schema::compile("schema.out", schema.and_then(|s| s.output.as_ref()))?;
         let (endpoints, local, protocol) = match &function.upstream {
             Some(upstream) => {
                 let targets = self
@@ -124,35 +134,22 @@ impl Registry {
             timeout,
             limiter,
             metrics,
+            schema_in,
+            schema_out,
         })
     }
 
-    /// What a local function runs: its image's runtime, handler and source.
+    /// What a local function runs: its image's runtime (from the catalog), handler and
+    /// source.
     fn local_spec(&self, function: &Function) -> Result<LocalSpec, Error> {
         let image = function.image.as_deref().unwrap_or_default();
-        let runtime = *self.image_runtimes.get(image).ok_or_else(|| {
-            Error::BadRequest(format!(
-                "image: \"{image}\" not found (create it with POST /v1/image first)"
-            ))
-        })?;
+        let runtime = self.catalog.runtime_of_image(image)?;
         Ok(self.local_files.spec(
             &function.name,
             runtime,
             function.handler.as_deref().unwrap_or_default(),
             function.source.as_deref().unwrap_or_default(),
         ))
-    }
-
-    /// Notes the runtime of an image (its base image's language), or forgets the image.
-    pub fn set_image_runtime(&self, image: &str, runtime: Option<Runtime>) {
-        match runtime {
-            Some(runtime) => {
-                self.image_runtimes.insert(image.to_string(), runtime);
-            }
-            None => {
-                self.image_runtimes.remove(image);
-            }
-        }
     }
 
     pub fn local_files(&self) -> &LocalFiles {

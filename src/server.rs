@@ -55,11 +55,21 @@ impl Server {
         })?;
         let supervisor = Supervisor::new(
             config.local.clone(),
+            config.runtimes.clone(),
             local_files.clone(),
             config.upstream.clone(),
             metrics.clone(),
         );
         let registry = Arc::new(Registry::new(&config, local_files, metrics.clone()));
+        // The catalog first: functions name its images and secrets.
+        registry
+            .catalog
+            .load(&*store)
+            .await
+            .map_err(|e| StartError(format!("store {store_name}: {e}")))?;
+        if let Some(changes) = store.watch_catalog() {
+            tokio::spawn(registry.catalog.clone().follow(store.clone(), changes));
+        }
         let functions = store
             .list_functions()
             .await

@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{LocalConfig, UpstreamConfig};
+use crate::config::{LocalConfig, RuntimesConfig, UpstreamConfig};
 use crate::drivers::Target;
 use crate::drivers::local::{LocalFiles, LocalSpec, Said};
 use crate::invoke::pool::{HostPool, Pools};
@@ -37,6 +37,7 @@ pub enum LeaseError {
 
 pub struct Supervisor {
     config: LocalConfig,
+    runtimes: RuntimesConfig,
     files: LocalFiles,
     pools: Pools,
     groups: DashMap<String, Arc<Group>>,
@@ -72,6 +73,15 @@ struct Proc {
     started: Instant,
 }
 
+impl Proc {
+    /// Takes the process out of service at once (no new call gets it), then kills it.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.slots.close();
+        self.kill.notify_one();
+    }
+}
+
 /// A call's hold on one process slot.
 pub struct Lease {
     proc: Arc<Proc>,
@@ -86,8 +96,7 @@ impl Lease {
     /// Kills the process: what a call past its deadline does, since the runtime cannot
     /// stop the handler (the process is replaced for the calls that follow).
     pub fn kill(&self) {
-        self.proc.stopping.store(true, Ordering::SeqCst);
-        self.proc.kill.notify_one();
+        self.proc.stop();
     }
 
     /// How the process ended, if it has (for the error of a call it took down with it).
@@ -99,12 +108,14 @@ impl Lease {
 impl Supervisor {
     pub fn new(
         config: LocalConfig,
+        runtimes: RuntimesConfig,
         files: LocalFiles,
         upstream: UpstreamConfig,
         metrics: Arc<Metrics>,
     ) -> Arc<Supervisor> {
         let supervisor = Arc::new(Supervisor {
             config,
+            runtimes,
             files,
             pools: Pools::new(upstream, metrics),
             groups: DashMap::new(),
@@ -118,6 +129,10 @@ impl Supervisor {
 
     pub fn config(&self) -> &LocalConfig {
         &self.config
+    }
+
+    pub fn runtimes(&self) -> &RuntimesConfig {
+        &self.runtimes
     }
 
     pub fn files(&self) -> &LocalFiles {
@@ -238,7 +253,7 @@ impl Supervisor {
     /// Starts one process and waits until it listens.
     async fn spawn(self: &Arc<Self>, group: &Arc<Group>) -> Result<(), String> {
         let spec = &group.spec;
-        let interpreter = spec.runtime.interpreter(&self.config);
+        let interpreter = self.runtimes.interpreter(spec.runtime);
         let mut child = Command::new(interpreter)
             .arg(self.files.script(spec.runtime))
             .arg("--dir")
@@ -256,7 +271,7 @@ impl Supervisor {
             .map_err(|e| {
                 format!(
                     "cannot run the {} interpreter \"{interpreter}\": {e}",
-                    spec.runtime.name()
+                    spec.runtime.as_str()
                 )
             })?;
         let pid = child.id().unwrap_or(0);
@@ -307,7 +322,7 @@ impl Supervisor {
             started: Instant::now(),
         });
         group.procs.lock().expect("procs lock").push(proc.clone());
-        tracing::info!(function = %spec.function, pid, addr = %addr, runtime = spec.runtime.name(), "runtime started");
+        tracing::info!(function = %spec.function, pid, addr = %addr, runtime = spec.runtime.as_str(), "runtime started");
         tokio::spawn(watch(self.clone(), group.clone(), proc, child, pid, stdout));
         Ok(())
     }
@@ -341,14 +356,19 @@ impl Supervisor {
 }
 
 impl Group {
+    /// The processes that take calls (not those being stopped).
     fn live(&self) -> Vec<Arc<Proc>> {
-        self.procs.lock().expect("procs lock").clone()
+        let procs = self.procs.lock().expect("procs lock");
+        procs
+            .iter()
+            .filter(|p| !p.slots.is_closed())
+            .cloned()
+            .collect()
     }
 
     fn stop_all(&self) {
         for proc in self.live() {
-            proc.stopping.store(true, Ordering::SeqCst);
-            proc.kill.notify_one();
+            proc.stop();
         }
     }
 
@@ -389,6 +409,9 @@ fn watch(
     mut stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
+        // Held until the process ends: `Child::wait` would close it first, and the runtime
+        // takes a closed stdin for the gateway gone.
+        let _stdin = child.stdin.take();
         let status = tokio::select! {
             status = child.wait() => status,
             () = proc.kill.notified() => {

@@ -137,7 +137,10 @@ async fn python_and_node_functions_from_source_run_with_their_logs() {
     }
     // The OpenFaaS surface: the body is the input, the output is the answer.
     let reply = gw
-        .post_json("/function/hello-py", &json!({"name": "Arya", "place": "Braavos"}))
+        .post_json(
+            "/function/hello-py",
+            &json!({"name": "Arya", "place": "Braavos"}),
+        )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json(), json!({"myField": "Hello, Arya from Braavos"}));
@@ -317,11 +320,19 @@ async fn misbehaving_functions_get_clear_run_errors_and_the_next_call_works() {
     assert_eq!(gw.run("calm", json!({})).await.json()["status"], "READY");
 }
 
+/// The live child processes of `pid` (whichever of its threads started them).
 fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|&child| alive(child))
         .collect()
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{App, parse_json, read_body, tag_filters};
+use super::{App, has_tags, parse_json, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
 use crate::config::LocalStart;
 use crate::drivers::local::LocalSpec;
@@ -58,8 +58,12 @@ fn initial_status(function: &Function) -> Status {
 async fn build_local(app: Arc<App>, spec: LocalSpec) {
     let outcome = match spec.unpack().await {
         Ok(()) => {
-            spec.check(app.supervisor.config(), app.supervisor.files())
-                .await
+            spec.check(
+                app.supervisor.config(),
+                app.supervisor.runtimes(),
+                app.supervisor.files(),
+            )
+            .await
         }
         Err(why) => Err(why),
     };
@@ -97,7 +101,7 @@ async fn build_local(app: Arc<App>, spec: LocalSpec) {
     drop(_serial);
     match outcome {
         Ok(()) => {
-            tracing::info!(function = %spec.function, runtime = spec.runtime.name(), "function READY");
+            tracing::info!(function = %spec.function, runtime = spec.runtime.as_str(), "function READY");
             if app.supervisor.config().start == LocalStart::Registration
                 && let Err(why) = app.supervisor.warm(&spec).await
             {
@@ -114,13 +118,7 @@ pub fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, Error>
         .registry
         .list()
         .into_iter()
-        .filter(|f| {
-            wanted.iter().all(|(key, value)| {
-                f.tags
-                    .iter()
-                    .any(|t| &t.key == key && value.as_ref().is_none_or(|v| &t.value == v))
-            })
-        })
+        .filter(|f| has_tags(&f.tags, &wanted))
         .map(Function::public)
         .collect();
     Ok(json_response(StatusCode::OK, &functions))

@@ -4,7 +4,9 @@
 
 mod functions;
 mod health;
+mod images;
 mod runs;
+mod secrets;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -70,6 +72,21 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
             Method::GET => functions::list(&app, uri.query()),
             _ => Err(not_allowed(&method, path, "GET, POST")),
         },
+        "/v1/baseimage" | "/v1/baseimage/" => match method {
+            Method::POST => images::create_base(&app, req).await,
+            Method::GET => images::list_base(&app, uri.query()),
+            _ => Err(not_allowed(&method, path, "GET, POST")),
+        },
+        "/v1/image" | "/v1/image/" => match method {
+            Method::POST => images::create_image(&app, req).await,
+            Method::GET => images::list_images(&app, uri.query()),
+            _ => Err(not_allowed(&method, path, "GET, POST")),
+        },
+        "/v1/secret" | "/v1/secret/" => match method {
+            Method::POST => secrets::create(&app, req).await,
+            Method::GET => secrets::list(&app, uri.query()),
+            _ => Err(not_allowed(&method, path, "GET, POST")),
+        },
         "/v1/runs" | "/v1/runs/" => match method {
             Method::POST => runs::create(&app, req, uri.query()).await,
             Method::GET => runs::list(&app, uri.query()).await,
@@ -81,6 +98,25 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
                     Method::GET => functions::get(&app, name),
                     Method::PUT => functions::update(&app, name, req).await,
                     Method::DELETE => functions::delete(&app, name).await,
+                    _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
+                }
+            } else if let Some(name) = path.strip_prefix("/v1/baseimage/") {
+                match method {
+                    Method::GET => images::get_base(&app, name),
+                    Method::DELETE => images::delete_base(&app, name).await,
+                    _ => Err(not_allowed(&method, path, "GET, DELETE")),
+                }
+            } else if let Some(name) = path.strip_prefix("/v1/image/") {
+                match method {
+                    Method::GET => images::get_image(&app, name),
+                    Method::DELETE => images::delete_image(&app, name).await,
+                    _ => Err(not_allowed(&method, path, "GET, DELETE")),
+                }
+            } else if let Some(name) = path.strip_prefix("/v1/secret/") {
+                match method {
+                    Method::GET => secrets::get(&app, name),
+                    Method::PUT => secrets::update(&app, name, req).await,
+                    Method::DELETE => secrets::delete(&app, name).await,
                     _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
                 }
             } else if let Some(name) = path.strip_prefix("/v1/runs/") {
@@ -151,6 +187,14 @@ fn tag_filters(query: Option<&str>) -> Result<Vec<(String, Option<String>)>, Err
             ))),
         })
         .collect()
+}
+
+/// Whether `tags` hold every one of the `wanted` filters (from [`tag_filters`]).
+fn has_tags(tags: &[crate::model::Tag], wanted: &[(String, Option<String>)]) -> bool {
+    wanted.iter().all(|(key, value)| {
+        tags.iter()
+            .any(|t| &t.key == key && value.as_ref().is_none_or(|v| &t.value == v))
+    })
 }
 
 /// The values of query parameter `key`, decoded.

@@ -16,54 +16,21 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::config::LocalConfig;
+use crate::config::{LocalConfig, RuntimesConfig};
+use crate::model::Runtime;
 
-/// A runtime the local driver can run functions in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Runtime {
-    Python3,
-    Nodejs,
+/// The runtime server's code, as compiled into the binary.
+fn code(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Python3 => include_str!("../../runtimes/python3/server.py"),
+        Runtime::Nodejs => include_str!("../../runtimes/nodejs/server.js"),
+    }
 }
 
-impl Runtime {
-    /// The runtime of an image's language, as Dispatch named them (`nodejs6` is the old name
-    /// of `nodejs`).
-    pub fn of_language(language: &str) -> Option<Runtime> {
-        match language {
-            "python3" | "python" => Some(Runtime::Python3),
-            "nodejs" | "nodejs6" | "node" => Some(Runtime::Nodejs),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Runtime::Python3 => "python3",
-            Runtime::Nodejs => "nodejs",
-        }
-    }
-
-    /// The interpreter the configuration names for this runtime.
-    pub fn interpreter(self, config: &LocalConfig) -> &str {
-        match self {
-            Runtime::Python3 => &config.python3,
-            Runtime::Nodejs => &config.nodejs,
-        }
-    }
-
-    /// The runtime server's code, as compiled into the binary.
-    fn code(self) -> &'static str {
-        match self {
-            Runtime::Python3 => include_str!("../../runtimes/python3/server.py"),
-            Runtime::Nodejs => include_str!("../../runtimes/nodejs/server.js"),
-        }
-    }
-
-    fn file(self) -> &'static str {
-        match self {
-            Runtime::Python3 => "python3/server.py",
-            Runtime::Nodejs => "nodejs/server.js",
-        }
+fn file(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Python3 => "python3/server.py",
+        Runtime::Nodejs => "nodejs/server.js",
     }
 }
 
@@ -96,17 +63,17 @@ impl LocalFiles {
     pub fn new(data_dir: &Path) -> std::io::Result<LocalFiles> {
         let root = data_dir.join("local");
         for runtime in [Runtime::Python3, Runtime::Nodejs] {
-            let path = root.join("runtimes").join(runtime.file());
+            let path = root.join("runtimes").join(file(runtime));
             std::fs::create_dir_all(path.parent().expect("a runtime file has a folder"))?;
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(runtime.code()) {
-                std::fs::write(&path, runtime.code())?;
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(code(runtime)) {
+                std::fs::write(&path, code(runtime))?;
             }
         }
         Ok(LocalFiles { root })
     }
 
     pub fn script(&self, runtime: Runtime) -> PathBuf {
-        self.root.join("runtimes").join(runtime.file())
+        self.root.join("runtimes").join(file(runtime))
     }
 
     /// The spec of a local function; its directory is named after a digest of what it runs.
@@ -144,8 +111,13 @@ impl LocalSpec {
     /// Loads the handler once in a runtime process of its own (`--check`): `Ok` when it
     /// loads, the runtime's reason otherwise (file not found, no such function, a syntax
     /// error with its line).
-    pub async fn check(&self, config: &LocalConfig, files: &LocalFiles) -> Result<(), String> {
-        let interpreter = self.runtime.interpreter(config);
+    pub async fn check(
+        &self,
+        config: &LocalConfig,
+        runtimes: &RuntimesConfig,
+        files: &LocalFiles,
+    ) -> Result<(), String> {
+        let interpreter = runtimes.interpreter(self.runtime);
         let mut child = Command::new(interpreter)
             .arg(files.script(self.runtime))
             .arg("--dir")
@@ -161,7 +133,7 @@ impl LocalSpec {
             .map_err(|e| {
                 format!(
                     "cannot run the {} interpreter \"{interpreter}\": {e}",
-                    self.runtime.name()
+                    self.runtime.as_str()
                 )
             })?;
         let stdout = child.stdout.take().expect("stdout is piped");

@@ -4,7 +4,7 @@
 
 use http::StatusCode;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::model::{Logs, Protocol, RunError};
 
@@ -14,6 +14,8 @@ pub struct Context<'a> {
     pub deadline_unix_ms: u64,
     pub event: Option<&'a Value>,
     pub http_context: Option<&'a Value>,
+    /// The values of the secrets the function and the run name, merged (key -> value).
+    pub secrets: &'a Map<String, Value>,
 }
 
 /// The request body for a run's upstream.
@@ -22,7 +24,7 @@ pub fn encode(protocol: Protocol, input: &Value, ctx: &Context<'_>) -> Vec<u8> {
         Protocol::Raw => return serde_json::to_vec(input).expect("a Value always encodes"),
         Protocol::Dispatch => json!({
             "context": {
-                "secrets": {},
+                "secrets": ctx.secrets,
                 "deadline": ctx.deadline_unix_ms,
                 "event": ctx.event,
                 "httpContext": ctx.http_context,
@@ -130,15 +132,19 @@ mod tests {
     #[test]
     fn a_dispatch_envelope_round_trips() {
         let input = json!({"name": "Jon"});
+        let mut secrets = Map::new();
+        secrets.insert("password".into(), json!("hunter2"));
         let ctx = Context {
             deadline_unix_ms: 5,
             event: None,
             http_context: None,
+            secrets: &secrets,
         };
         let sent: Value =
             serde_json::from_slice(&encode(Protocol::Dispatch, &input, &ctx)).unwrap();
         assert_eq!(sent["payload"], input);
         assert_eq!(sent["context"]["deadline"], 5);
+        assert_eq!(sent["context"]["secrets"], json!({"password": "hunter2"}));
         let answer = br#"{"context":{"logs":{"stdout":["hi"],"stderr":[]},"error":null},"payload":{"myField":"Hello"}}"#;
         let out = decode(Protocol::Dispatch, StatusCode::OK, answer);
         assert_eq!(out.output, json!({"myField": "Hello"}));
@@ -163,6 +169,7 @@ mod tests {
             deadline_unix_ms: 0,
             event: None,
             http_context: None,
+            secrets: &Map::new(),
         };
         assert_eq!(encode(Protocol::Raw, &json!([1, 2]), &ctx), b"[1,2]");
         let out = decode(Protocol::Raw, StatusCode::OK, b"plain text");

@@ -326,7 +326,17 @@ impl Invoker {
         let capture = recording
             .and_then(|r| r.call.request.clone())
             .map(|c| (c, self.recorder.body_bytes()));
-        let upstream_req = Request::from_parts(parts, ReqBody::stream(body, limit, capture));
+        let body = match &function.schema_in {
+            None => ReqBody::stream(body, limit, capture),
+            Some(schema) => match self
+                .read_checked(function, schema, body, capture, deadline)
+                .await
+            {
+                Ok(checked) => ReqBody::full(checked),
+                Err(e) => return Err((call.fail(e), String::new())),
+            },
+        };
+        let upstream_req = Request::from_parts(parts, body);
         // One timer for the whole call: it bounds the wait for the head, then the body.
         let mut timer = Box::pin(tokio::time::sleep_until(deadline));
         match self
@@ -345,13 +355,67 @@ impl Invoker {
         }
     }
 
+    /// The body of a raw call to a function with `schema.in`: read whole (at most
+    /// `limits.body_bytes`, and `limits.raw_body_bytes` when set), within the deadline,
+    /// and checked; a body that is not JSON or fails the schema is a 400 saying why.
+    async fn read_checked(
+        &self,
+        function: &FunctionEntry,
+        schema: &crate::schema::Schema,
+        body: Incoming,
+        capture: Option<(Arc<std::sync::Mutex<Captured>>, usize)>,
+        deadline: Instant,
+    ) -> Result<Bytes, Error> {
+        let name = &function.spec.name;
+        let limit = match self.limits.raw_body_bytes {
+            0 => self.limits.body_bytes,
+            raw => raw.min(self.limits.body_bytes),
+        };
+        let read = http_body_util::Limited::new(body, limit as usize).collect();
+        let bytes = match tokio::time::timeout_at(deadline, read).await {
+            Err(_) => {
+                return Err(Error::BadRequest(format!(
+                    "function \"{name}\": the request body did not arrive within the deadline"
+                )));
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                function.metrics.reject(Rejection::TooLarge);
+                return Err(Error::PayloadTooLarge(format!(
+                    "function \"{name}\": request body exceeds the limit of {limit} bytes"
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(Error::BadRequest(format!(
+                    "function \"{name}\": reading the request body: {e}"
+                )));
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        if let Some((kept, max)) = capture
+            && let Ok(mut kept) = kept.lock()
+        {
+            kept.keep(&bytes, max);
+        }
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::BadRequest(format!(
+                "function \"{name}\": the body is not JSON, and schema.in needs JSON: {e}"
+            ))
+        })?;
+        schema.check(&value).map_err(|why| {
+            Error::BadRequest(format!(
+                "function \"{name}\": body does not match schema.in: {why}"
+            ))
+        })?;
+        Ok(bytes)
+    }
+
     /// The Dispatch surface: one blocking run of function `name`. A function that failed,
     /// timed out or could not be reached still gives a run (status ERROR, `error` filled);
     /// only a call that never started (unknown function, limits) is an `Err`.
     pub async fn run(
         &self,
         name: &str,
-        request: RunRequest,
+        mut request: RunRequest,
         client_headers: &HeaderMap,
         run_name: String,
     ) -> Result<Run, Error> {
@@ -368,43 +432,29 @@ impl Invoker {
             blocking: true,
             executed_time: unix_now(),
             secrets: function.spec.secrets.clone(),
-            tags: request.tags,
+            tags: std::mem::take(&mut request.tags),
             ..Run::default()
         };
-        run.secrets.extend(request.secrets);
-        let body = envelope::encode(
-            function.protocol,
-            &request.input,
-            &envelope::Context {
-                deadline_unix_ms: (unix_nanos() / 1_000_000) as u64
-                    + function.timeout.as_millis() as u64,
-                event: request.event.as_ref(),
-                http_context: request.http_context.as_ref(),
-            },
-        );
-        let mut upstream_req = Request::new(ReqBody::full(body));
-        *upstream_req.method_mut() = Method::POST;
-        let h = upstream_req.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            headers::X_CALL_ID.clone(),
-            HeaderValue::from_str(&run.name).expect("uuid"),
-        );
-        h.insert(
-            headers::TRACEPARENT.clone(),
-            client_headers
-                .get(&headers::TRACEPARENT)
-                .cloned()
-                .unwrap_or_else(headers::new_traceparent),
-        );
-
-        let mut timer = Box::pin(tokio::time::sleep_until(deadline));
-        let outcome = match self.forward(&mut call, upstream_req, "", &mut timer).await {
-            Ok(resp) => self.respond_run(&mut call, resp, &mut timer).await,
-            Err(e) => Err(e),
+        run.secrets.extend(std::mem::take(&mut request.secrets));
+        let outcome = match self.check_run(&function, &request.input, &run.secrets) {
+            Err(refused) => {
+                call.code = 400;
+                Ok(envelope::Outcome {
+                    error: Some(refused),
+                    ..envelope::Outcome::default()
+                })
+            }
+            Ok(secrets) => self
+                .call_run(
+                    &mut call,
+                    &request,
+                    &secrets,
+                    &run.name,
+                    client_headers,
+                    deadline,
+                )
+                .await
+                .map(|outcome| check_output(&function, outcome)),
         };
         match outcome {
             Ok(outcome) => {
@@ -441,6 +491,72 @@ impl Invoker {
         });
         self.record(run.clone()).await;
         Ok(run)
+    }
+
+    /// What a run needs before its function is called: input that passes `schema.in`,
+    /// and the values of the secrets it names. Either failing ends the run with an
+    /// InputError, without calling the function.
+    fn check_run(
+        &self,
+        function: &FunctionEntry,
+        input: &serde_json::Value,
+        secrets: &[String],
+    ) -> Result<serde_json::Map<String, serde_json::Value>, RunError> {
+        if let Some(schema) = &function.schema_in {
+            schema
+                .check(input)
+                .map_err(|why| RunError::input(format!("input does not match schema.in: {why}")))?;
+        }
+        self.registry
+            .catalog
+            .secret_values(secrets)
+            .map_err(RunError::input)
+    }
+
+    /// Phases 3 and 4 of a Dispatch run: the envelope sent to the function, its answer read.
+    async fn call_run(
+        &self,
+        call: &mut CallGuard,
+        request: &RunRequest,
+        secrets: &serde_json::Map<String, serde_json::Value>,
+        run_name: &str,
+        client_headers: &HeaderMap,
+        deadline: Instant,
+    ) -> Result<envelope::Outcome, Error> {
+        let function = call.function.clone();
+        let body = envelope::encode(
+            function.protocol,
+            &request.input,
+            &envelope::Context {
+                deadline_unix_ms: (unix_nanos() / 1_000_000) as u64
+                    + function.timeout.as_millis() as u64,
+                event: request.event.as_ref(),
+                http_context: request.http_context.as_ref(),
+                secrets,
+            },
+        );
+        let mut upstream_req = Request::new(ReqBody::full(body));
+        *upstream_req.method_mut() = Method::POST;
+        let h = upstream_req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            headers::X_CALL_ID.clone(),
+            HeaderValue::from_str(run_name).expect("uuid"),
+        );
+        h.insert(
+            headers::TRACEPARENT.clone(),
+            client_headers
+                .get(&headers::TRACEPARENT)
+                .cloned()
+                .unwrap_or_else(headers::new_traceparent),
+        );
+
+        let mut timer = Box::pin(tokio::time::sleep_until(deadline));
+        let resp = self.forward(call, upstream_req, "", &mut timer).await?;
+        self.respond_run(call, resp, &mut timer).await
     }
 
     /// Phase 5 for a Dispatch run: its record, written off the hot path (this waits only
@@ -597,7 +713,7 @@ impl Invoker {
     ) -> Result<Response<UpBody>, Error> {
         let function = call.function.clone();
         let name = &function.spec.name;
-        let endpoint = format!("local {} runtime", spec.runtime.name());
+        let endpoint = format!("local {} runtime", spec.runtime.as_str());
         let timeout = || Error::Timeout {
             function: name.clone(),
             endpoint: endpoint.clone(),
@@ -753,6 +869,19 @@ impl Invoker {
         };
         Ok(envelope::decode(function.protocol, status, &body))
     }
+}
+
+/// A function's answer that fails its `schema.out` is the function's error.
+fn check_output(function: &FunctionEntry, mut outcome: envelope::Outcome) -> envelope::Outcome {
+    if outcome.error.is_none()
+        && let Some(schema) = &function.schema_out
+        && let Err(why) = schema.check(&outcome.output)
+    {
+        outcome.error = Some(RunError::function(format!(
+            "output does not match schema.out: {why}"
+        )));
+    }
+    outcome
 }
 
 /// The upstream request's URI: the endpoint's path prefix, then the caller's path suffix

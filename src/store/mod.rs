@@ -1,7 +1,7 @@
 //! Where registrations live: the [`Store`] trait and its backends. SQLite (one file under
-//! the data dir) is the embedded default; PostgreSQL joins for several replicas. Runs,
-//! APIs, secrets and subscriptions will live here too. The hot path never queries the
-//! store: the registry caches what it needs.
+//! the data dir) is the embedded default; PostgreSQL joins for several replicas. Functions,
+//! runs, base images, images and secrets live here; APIs and subscriptions will too. The
+//! hot path never queries the store: the registry and the catalog cache what it needs.
 
 pub mod postgres;
 pub mod sqlite;
@@ -9,7 +9,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::error::Error;
-use crate::model::{Function, Run, Status};
+use crate::model::{BaseImage, Function, Image, Run, Secret, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -71,6 +71,38 @@ pub trait Store: Send + Sync {
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Every base image, by name.
+    async fn list_base_images(&self) -> Result<Vec<BaseImage>, StoreError>;
+    async fn get_base_image(&self, name: &str) -> Result<Option<BaseImage>, StoreError>;
+    /// Adds a base image; `Conflict` if the name is taken.
+    async fn create_base_image(&self, image: &BaseImage) -> Result<(), StoreError>;
+    /// Removes a base image; `NotFound` if there is none by that name.
+    async fn delete_base_image(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Every image, by name.
+    async fn list_images(&self) -> Result<Vec<Image>, StoreError>;
+    async fn get_image(&self, name: &str) -> Result<Option<Image>, StoreError>;
+    /// Adds an image; `Conflict` if the name is taken.
+    async fn create_image(&self, image: &Image) -> Result<(), StoreError>;
+    /// Removes an image; `NotFound` if there is none by that name.
+    async fn delete_image(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Every secret, by name, values included (for the catalog only: the API masks them).
+    async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError>;
+    async fn get_secret(&self, name: &str) -> Result<Option<Secret>, StoreError>;
+    /// Adds a secret; `Conflict` if the name is taken.
+    async fn create_secret(&self, secret: &Secret) -> Result<(), StoreError>;
+    /// Replaces a secret; `NotFound` if there is none by that name.
+    async fn update_secret(&self, secret: &Secret) -> Result<(), StoreError>;
+    /// Removes a secret; `NotFound` if there is none by that name.
+    async fn delete_secret(&self, name: &str) -> Result<(), StoreError>;
+    /// Changes to base images, images and secrets made by anyone sharing this store, as
+    /// `Changed("<kind>:<name>")` with kind `baseimage`, `image` or `secret` (see
+    /// [`CatalogKind`]); `None` when nobody else can share it (SQLite).
+    fn watch_catalog(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        None
+    }
+
     /// Writes runs in one transaction. A run whose name is stored already is replaced, so
     /// writing the same run twice leaves one record.
     async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError>;
@@ -96,13 +128,65 @@ pub enum Claim {
     Existing(String),
 }
 
-/// What changed in the store's functions.
+/// What changed in the store, as another gateway sharing it tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FunctionChange {
-    /// This function was created, updated or deleted: read it again.
+pub enum Change {
+    /// This entry was created, updated or deleted: read it again.
     Changed(String),
     /// Changes may have been missed (the listener reconnected): read them all again.
     Resync,
+}
+
+/// What changed in the store's functions: the function's name.
+pub type FunctionChange = Change;
+
+/// The kinds of catalog entries a [`Change`] from [`Store::watch_catalog`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatalogKind {
+    BaseImage,
+    Image,
+    Secret,
+}
+
+impl CatalogKind {
+    /// The table each kind lives in, and the prefix its changes carry.
+    pub fn table(self) -> &'static str {
+        match self {
+            CatalogKind::BaseImage => "base_images",
+            CatalogKind::Image => "images",
+            CatalogKind::Secret => "secrets",
+        }
+    }
+
+    pub fn prefix(self) -> &'static str {
+        match self {
+            CatalogKind::BaseImage => "baseimage",
+            CatalogKind::Image => "image",
+            CatalogKind::Secret => "secret",
+        }
+    }
+
+    /// What messages call it: `base image "python3"`.
+    pub fn noun(self) -> &'static str {
+        match self {
+            CatalogKind::BaseImage => "base image",
+            CatalogKind::Image => "image",
+            CatalogKind::Secret => "secret",
+        }
+    }
+
+    /// Reads `<kind>:<name>` back.
+    pub fn parse(change: &str) -> Option<(CatalogKind, &str)> {
+        let (prefix, name) = change.split_once(':')?;
+        let kind = [
+            CatalogKind::BaseImage,
+            CatalogKind::Image,
+            CatalogKind::Secret,
+        ]
+        .into_iter()
+        .find(|k| k.prefix() == prefix)?;
+        Some((kind, name))
+    }
 }
 
 /// Which runs to list. `after` is the position of the last run of the previous page:

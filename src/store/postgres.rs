@@ -16,11 +16,15 @@ use tokio_postgres::config::Host;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use super::{
-    Claim, FunctionChange, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key,
+    CatalogKind, Change, Claim, FunctionChange, RunQuery, Store, StoreError, run_started_us,
+    tag_pattern, tags_key,
 };
 use crate::error::error_chain as chain;
-use crate::model::{Function, Run};
+use crate::model::{BaseImage, Function, Image, Run, Secret};
 
 /// Schema versions, in order; `schema_migrations` holds the versions that have run.
 /// Names compare byte by byte (`COLLATE "C"`), as SQLite's do, so runs list in the same
@@ -59,6 +63,23 @@ const MIGRATIONS: &[&str] = &[
         created_us BIGINT NOT NULL,
         PRIMARY KEY (function_name, key)
     );"#,
+    // Base images, images and secrets: one JSON document per name (see `CatalogKind`).
+    // Every change tells the gateways listening on `dispatch_catalog` which entry changed,
+    // as `<kind>:<name>` (see `watch_catalog`).
+    r#"CREATE TABLE base_images (name TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE TABLE images (name TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE TABLE secrets (name TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE FUNCTION dispatch_catalog_changed() RETURNS trigger AS $$
+    BEGIN
+        PERFORM pg_notify('dispatch_catalog', TG_ARGV[0] || ':' || COALESCE(NEW.name, OLD.name));
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql;
+    CREATE TRIGGER base_image_changed AFTER INSERT OR UPDATE OR DELETE ON base_images
+        FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('baseimage');
+    CREATE TRIGGER image_changed AFTER INSERT OR UPDATE OR DELETE ON images
+        FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('image');
+    CREATE TRIGGER secret_changed AFTER INSERT OR UPDATE OR DELETE ON secrets
+        FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('secret');"#,
 ];
 
 /// The advisory lock that serializes migrations between gateways: "dispatch" in ASCII.
@@ -145,6 +166,77 @@ impl PostgresStore {
             };
             backend(format!("cannot connect to {}: {why}", self.url))
         })
+    }
+}
+
+/// The documents of the catalog tables (base images, images, secrets): one JSON `spec`
+/// per name. Table names come from [`CatalogKind`], never from a request.
+impl PostgresStore {
+    async fn doc_list<T: DeserializeOwned>(&self, kind: CatalogKind) -> Result<Vec<T>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT name, spec FROM {} ORDER BY name", kind.table());
+        let rows = client.query(&sql, &[]).await.map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let (name, spec): (&str, &str) = (row.get(0), row.get(1));
+                serde_json::from_str(spec)
+                    .map_err(|e| backend(format!("{} \"{name}\" is unreadable: {e}", kind.noun())))
+            })
+            .collect()
+    }
+
+    async fn doc_get<T: DeserializeOwned>(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT spec FROM {} WHERE name = $1", kind.table());
+        let row = client.query_opt(&sql, &[&name]).await.map_err(pg)?;
+        row.map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(backend))
+            .transpose()
+    }
+
+    async fn doc_create(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        doc: &(impl Serialize + Sync),
+    ) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(doc).map_err(backend)?;
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (name, spec) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            kind.table()
+        );
+        if client.execute(&sql, &[&name, &spec]).await.map_err(pg)? == 0 {
+            return Err(StoreError::Conflict(format!("{} \"{name}\"", kind.noun())));
+        }
+        Ok(())
+    }
+
+    async fn doc_update(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        doc: &(impl Serialize + Sync),
+    ) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(doc).map_err(backend)?;
+        let client = self.client().await?;
+        let sql = format!("UPDATE {} SET spec = $2 WHERE name = $1", kind.table());
+        if client.execute(&sql, &[&name, &spec]).await.map_err(pg)? == 0 {
+            return Err(StoreError::NotFound(format!("{} \"{name}\"", kind.noun())));
+        }
+        Ok(())
+    }
+
+    async fn doc_delete(&self, kind: CatalogKind, name: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let sql = format!("DELETE FROM {} WHERE name = $1", kind.table());
+        if client.execute(&sql, &[&name]).await.map_err(pg)? == 0 {
+            return Err(StoreError::NotFound(format!("{} \"{name}\"", kind.noun())));
+        }
+        Ok(())
     }
 }
 
@@ -461,8 +553,80 @@ impl Store for PostgresStore {
 
     fn watch_functions(&self) -> Option<mpsc::UnboundedReceiver<FunctionChange>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(listen(self.config.clone(), self.url.clone(), tx));
+        tokio::spawn(listen(
+            self.config.clone(),
+            self.url.clone(),
+            "dispatch_functions",
+            tx,
+        ));
         Some(rx)
+    }
+
+    fn watch_catalog(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(listen(
+            self.config.clone(),
+            self.url.clone(),
+            "dispatch_catalog",
+            tx,
+        ));
+        Some(rx)
+    }
+
+    async fn list_base_images(&self) -> Result<Vec<BaseImage>, StoreError> {
+        self.doc_list(CatalogKind::BaseImage).await
+    }
+
+    async fn get_base_image(&self, name: &str) -> Result<Option<BaseImage>, StoreError> {
+        self.doc_get(CatalogKind::BaseImage, name).await
+    }
+
+    async fn create_base_image(&self, image: &BaseImage) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::BaseImage, &image.name, image)
+            .await
+    }
+
+    async fn delete_base_image(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::BaseImage, name).await
+    }
+
+    async fn list_images(&self) -> Result<Vec<Image>, StoreError> {
+        self.doc_list(CatalogKind::Image).await
+    }
+
+    async fn get_image(&self, name: &str) -> Result<Option<Image>, StoreError> {
+        self.doc_get(CatalogKind::Image, name).await
+    }
+
+    async fn create_image(&self, image: &Image) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::Image, &image.name, image)
+            .await
+    }
+
+    async fn delete_image(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::Image, name).await
+    }
+
+    async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError> {
+        self.doc_list(CatalogKind::Secret).await
+    }
+
+    async fn get_secret(&self, name: &str) -> Result<Option<Secret>, StoreError> {
+        self.doc_get(CatalogKind::Secret, name).await
+    }
+
+    async fn create_secret(&self, secret: &Secret) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::Secret, &secret.name, secret)
+            .await
+    }
+
+    async fn update_secret(&self, secret: &Secret) -> Result<(), StoreError> {
+        self.doc_update(CatalogKind::Secret, &secret.name, secret)
+            .await
+    }
+
+    async fn delete_secret(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::Secret, name).await
     }
 
     async fn prune_runs(
@@ -561,20 +725,21 @@ impl Store for PostgresStore {
     }
 }
 
-/// Listens on `dispatch_functions` on a connection of its own, forwarding each change, and
-/// after every (re)connection asks for a full resync (notifications sent while it was away
-/// are lost). Ends when nobody receives any more.
+/// Listens on `channel` (`dispatch_functions`, `dispatch_catalog`) on a connection of its
+/// own, forwarding each change, and after every (re)connection asks for a full resync
+/// (notifications sent while it was away are lost). Ends when nobody receives any more.
 async fn listen(
     config: tokio_postgres::Config,
     url: String,
-    tx: mpsc::UnboundedSender<FunctionChange>,
+    channel: &'static str,
+    tx: mpsc::UnboundedSender<Change>,
 ) {
     let mut delay = Duration::from_millis(100);
     while !tx.is_closed() {
-        match listen_once(&config, &tx).await {
+        match listen_once(&config, channel, &tx).await {
             Ok(()) => return,
             Err(why) => {
-                tracing::warn!(store = %url, error = %why, "function change listener lost; reconnecting");
+                tracing::warn!(store = %url, %channel, error = %why, "change listener lost; reconnecting");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -585,7 +750,8 @@ async fn listen(
 /// One listening connection: `Ok` when the receiver is gone, `Err` when the connection is.
 async fn listen_once(
     config: &tokio_postgres::Config,
-    tx: &mpsc::UnboundedSender<FunctionChange>,
+    channel: &str,
+    tx: &mpsc::UnboundedSender<Change>,
 ) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| chain(&e))?;
     let (names_tx, mut names) = mpsc::unbounded_channel::<String>();
@@ -604,14 +770,14 @@ async fn listen_once(
         }
     });
     client
-        .batch_execute("LISTEN dispatch_functions")
+        .batch_execute(&format!("LISTEN {channel}"))
         .await
         .map_err(|e| chain(&e))?;
-    if tx.send(FunctionChange::Resync).is_err() {
+    if tx.send(Change::Resync).is_err() {
         return Ok(());
     }
     while let Some(name) = names.recv().await {
-        if tx.send(FunctionChange::Changed(name)).is_err() {
+        if tx.send(Change::Changed(name)).is_err() {
             driver.abort();
             return Ok(());
         }

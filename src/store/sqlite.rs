@@ -8,8 +8,13 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Claim, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key};
-use crate::model::{Function, Run};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    CatalogKind, Claim, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key,
+};
+use crate::model::{BaseImage, Function, Image, Run, Secret};
 
 /// Schema versions, in order; `PRAGMA user_version` says how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -37,6 +42,10 @@ const MIGRATIONS: &[&str] = &[
         created_us INTEGER NOT NULL,
         PRIMARY KEY (function_name, key)
     );",
+    // Base images, images and secrets: one JSON document per name (see `CatalogKind`).
+    "CREATE TABLE base_images (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE TABLE images (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE TABLE secrets (name TEXT PRIMARY KEY, spec TEXT NOT NULL);",
 ];
 
 #[derive(Clone)]
@@ -85,6 +94,103 @@ impl SqliteStore {
         })
         .await
         .map_err(backend)?
+    }
+}
+
+/// The documents of the catalog tables (base images, images, secrets): one JSON `spec`
+/// per name. Table names come from [`CatalogKind`], never from a request.
+impl SqliteStore {
+    async fn doc_list<T: DeserializeOwned + Send + 'static>(
+        &self,
+        kind: CatalogKind,
+    ) -> Result<Vec<T>, StoreError> {
+        self.with(move |conn| {
+            let sql = format!("SELECT name, spec FROM {} ORDER BY name", kind.table());
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (name, spec) = row.map_err(backend)?;
+                serde_json::from_str(&spec)
+                    .map_err(|e| backend(format!("{} \"{name}\" is unreadable: {e}", kind.noun())))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn doc_get<T: DeserializeOwned + Send + 'static>(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            let sql = format!("SELECT spec FROM {} WHERE name = ?1", kind.table());
+            let spec: Option<String> = conn
+                .query_row(&sql, [&name], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            spec.map(|s| serde_json::from_str(&s).map_err(backend))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn doc_create(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        doc: &impl Serialize,
+    ) -> Result<(), StoreError> {
+        let (name, spec) = (
+            name.to_string(),
+            serde_json::to_string(doc).map_err(backend)?,
+        );
+        self.with(move |conn| {
+            let sql = format!(
+                "INSERT INTO {} (name, spec) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                kind.table()
+            );
+            if conn.execute(&sql, params![name, spec]).map_err(backend)? == 0 {
+                return Err(StoreError::Conflict(format!("{} \"{name}\"", kind.noun())));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn doc_update(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        doc: &impl Serialize,
+    ) -> Result<(), StoreError> {
+        let (name, spec) = (
+            name.to_string(),
+            serde_json::to_string(doc).map_err(backend)?,
+        );
+        self.with(move |conn| {
+            let sql = format!("UPDATE {} SET spec = ?2 WHERE name = ?1", kind.table());
+            if conn.execute(&sql, params![name, spec]).map_err(backend)? == 0 {
+                return Err(StoreError::NotFound(format!("{} \"{name}\"", kind.noun())));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn doc_delete(&self, kind: CatalogKind, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            let sql = format!("DELETE FROM {} WHERE name = ?1", kind.table());
+            if conn.execute(&sql, [&name]).map_err(backend)? == 0 {
+                return Err(StoreError::NotFound(format!("{} \"{name}\"", kind.noun())));
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -408,6 +514,62 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
             .await
+    }
+
+    async fn list_base_images(&self) -> Result<Vec<BaseImage>, StoreError> {
+        self.doc_list(CatalogKind::BaseImage).await
+    }
+
+    async fn get_base_image(&self, name: &str) -> Result<Option<BaseImage>, StoreError> {
+        self.doc_get(CatalogKind::BaseImage, name).await
+    }
+
+    async fn create_base_image(&self, image: &BaseImage) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::BaseImage, &image.name, image)
+            .await
+    }
+
+    async fn delete_base_image(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::BaseImage, name).await
+    }
+
+    async fn list_images(&self) -> Result<Vec<Image>, StoreError> {
+        self.doc_list(CatalogKind::Image).await
+    }
+
+    async fn get_image(&self, name: &str) -> Result<Option<Image>, StoreError> {
+        self.doc_get(CatalogKind::Image, name).await
+    }
+
+    async fn create_image(&self, image: &Image) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::Image, &image.name, image)
+            .await
+    }
+
+    async fn delete_image(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::Image, name).await
+    }
+
+    async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError> {
+        self.doc_list(CatalogKind::Secret).await
+    }
+
+    async fn get_secret(&self, name: &str) -> Result<Option<Secret>, StoreError> {
+        self.doc_get(CatalogKind::Secret, name).await
+    }
+
+    async fn create_secret(&self, secret: &Secret) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::Secret, &secret.name, secret)
+            .await
+    }
+
+    async fn update_secret(&self, secret: &Secret) -> Result<(), StoreError> {
+        self.doc_update(CatalogKind::Secret, &secret.name, secret)
+            .await
+    }
+
+    async fn delete_secret(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::Secret, name).await
     }
 }
 

@@ -136,3 +136,76 @@ async fn a_lost_store_holds_nothing_up_and_loses_no_record() {
         .collect();
     assert_eq!(names, expected, "every run recorded, none twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_secrets_and_images() {
+    let db = TestDatabase::create().await;
+    let url = db.url();
+    let up = Upstream::start(Behavior::Envelope).await;
+    let env = [
+        ("DISPATCH_STORE_URL", url.as_str()),
+        ("DISPATCH_RUNTIMES_PYTHON3", "sh"),
+    ];
+    let a = Gateway::start_with(&env).await;
+    let b = Gateway::start_with(&env).await;
+
+    // A secret made on A reaches B's runs; a new value and a delete too.
+    let made = a
+        .post_json(
+            "/v1/secret",
+            &json!({"name": "db", "secrets": {"k": "one"}}),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let dispatch = json!({"upstream": {"protocol": "dispatch"}, "secrets": ["db"]});
+    a.register(&function("hello", &[up.addr], dispatch)).await;
+    until(&b, "/v1/secret/db", "the secret made on A", |r| {
+        r.status == 200
+    })
+    .await;
+    until(&b, "/v1/function/hello", "the function made on A", |r| {
+        r.status == 200
+    })
+    .await;
+    assert_eq!(b.run("hello", json!({})).await.json()["status"], "READY");
+    assert_eq!(up.stats.last_context()["secrets"], json!({"k": "one"}));
+
+    let put = a
+        .put_json("/v1/secret/db", &json!({"secrets": {"k": "two"}}))
+        .await;
+    assert_eq!(put.status, 201, "{}", put.text());
+    for _ in 0..100 {
+        b.run("hello", json!({})).await;
+        if up.stats.last_context()["secrets"] == json!({"k": "two"}) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(up.stats.last_context()["secrets"], json!({"k": "two"}));
+
+    assert_eq!(a.delete("/v1/secret/db").await.status, 204);
+    until(&b, "/v1/secret/db", "the secret deleted on A", |r| {
+        r.status == 404
+    })
+    .await;
+    let run = b.run("hello", json!({})).await.json();
+    assert_eq!(run["error"]["type"], "InputError", "{run}");
+
+    // Base images and images made on B are seen on A.
+    let base = b
+        .post_json(
+            "/v1/baseimage",
+            &json!({"name": "py", "language": "python3"}),
+        )
+        .await;
+    assert_eq!(base.status, 201, "{}", base.text());
+    let image = b
+        .post_json("/v1/image", &json!({"name": "i", "baseImageName": "py"}))
+        .await;
+    assert_eq!(image.status, 201, "{}", image.text());
+    let seen = until(&a, "/v1/image/i", "the image made on B", |r| {
+        r.status == 200
+    })
+    .await;
+    assert_eq!(seen.json()["status"], "READY", "{}", seen.text());
+}

@@ -9,10 +9,10 @@ use common::pg::TestDatabase;
 
 use std::sync::Arc;
 
-use dispatch::model::{CallFacts, Function, Run, Status, Tag};
+use dispatch::model::{BaseImage, CallFacts, Function, Image, Run, Secret, Status, Tag};
 use dispatch::store::postgres::PostgresStore;
 use dispatch::store::sqlite::SqliteStore;
-use dispatch::store::{RunPosition, RunQuery, Store, StoreError};
+use dispatch::store::{Change, RunPosition, RunQuery, Store, StoreError};
 
 /// Runs each test on a SQLite store and on a PostgreSQL store. `stores` tests take the
 /// open store; `backends` tests open (and reopen) it themselves.
@@ -54,6 +54,9 @@ on_both_backends! {
         a_run_outlives_its_function,
         old_runs_are_pruned_by_age_and_by_count,
         an_idempotency_key_is_claimed_once_per_window,
+        base_images_and_images_are_created_and_deleted,
+        secrets_are_created_replaced_and_deleted,
+        catalog_changes_are_announced_to_other_gateways,
     ],
     backends: [migrations_are_idempotent],
 }
@@ -494,6 +497,144 @@ async fn an_idempotency_key_is_claimed_once_per_window(store: &dyn Store) {
     // Old keys are forgotten.
     assert_eq!(store.prune_keys(1_265).await.unwrap(), 1);
     assert_eq!(store.prune_keys(1_265).await.unwrap(), 0);
+}
+
+async fn base_images_and_images_are_created_and_deleted(store: &dyn Store) {
+    let base = |name: &str| BaseImage {
+        name: name.into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        language: "python3".into(),
+        docker_url: "dispatchframework/python3-base:0.0.13".into(),
+        status: Status::Ready,
+        tags: vec![Tag {
+            key: "k".into(),
+            value: "v".into(),
+        }],
+        ..Default::default()
+    };
+    assert!(store.list_base_images().await.unwrap().is_empty());
+    store.create_base_image(&base("py")).await.unwrap();
+    store.create_base_image(&base("js")).await.unwrap();
+    match store.create_base_image(&base("py")).await {
+        Err(e @ StoreError::Conflict(_)) => {
+            assert_eq!(e.to_string(), "base image \"py\" already exists")
+        }
+        other => panic!("a second \"py\" is a conflict, got {other:?}"),
+    }
+    let all = store.list_base_images().await.unwrap();
+    assert_eq!(
+        all.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        ["js", "py"]
+    );
+    assert_eq!(
+        store.get_base_image("py").await.unwrap().unwrap().language,
+        "python3"
+    );
+    assert_eq!(store.get_base_image("nope").await.unwrap(), None);
+
+    let image = Image {
+        name: "hello".into(),
+        base_image_name: "py".into(),
+        language: "python3".into(),
+        status: Status::Error,
+        reason: vec!["interpreter python3 not found on PATH".into()],
+        ..Default::default()
+    };
+    store.create_image(&image).await.unwrap();
+    assert!(matches!(
+        store.create_image(&image).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.list_images().await.unwrap(),
+        std::slice::from_ref(&image)
+    );
+    assert_eq!(store.get_image("hello").await.unwrap(), Some(image));
+    store.delete_image("hello").await.unwrap();
+    match store.delete_image("hello").await {
+        Err(e @ StoreError::NotFound(_)) => assert_eq!(e.to_string(), "image \"hello\" not found"),
+        other => panic!("deleting \"hello\" twice is not found, got {other:?}"),
+    }
+    store.delete_base_image("py").await.unwrap();
+    assert!(matches!(
+        store.delete_base_image("py").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let left = store.list_base_images().await.unwrap();
+    assert_eq!(left, [all[0].clone()]);
+    assert_eq!(left[0].name, "js");
+}
+
+async fn secrets_are_created_replaced_and_deleted(store: &dyn Store) {
+    let mut secret = Secret {
+        name: "db".into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    secret.secrets.insert("password".into(), "hunter2".into());
+    store.create_secret(&secret).await.unwrap();
+    assert!(matches!(
+        store.create_secret(&secret).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.get_secret("db").await.unwrap(), Some(secret.clone()));
+    secret.secrets.insert("password".into(), "rotated".into());
+    store.update_secret(&secret).await.unwrap();
+    assert_eq!(store.list_secrets().await.unwrap(), [secret.clone()]);
+    let unknown = Secret {
+        name: "nope".into(),
+        ..Default::default()
+    };
+    match store.update_secret(&unknown).await {
+        Err(e @ StoreError::NotFound(_)) => assert_eq!(e.to_string(), "secret \"nope\" not found"),
+        other => panic!("updating \"nope\" is not found, got {other:?}"),
+    }
+    store.delete_secret("db").await.unwrap();
+    assert!(matches!(
+        store.delete_secret("db").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.get_secret("db").await.unwrap(), None);
+}
+
+async fn catalog_changes_are_announced_to_other_gateways(store: &dyn Store) {
+    // SQLite has one gateway: nothing to announce.
+    let Some(mut changes) = store.watch_catalog() else {
+        return;
+    };
+    async fn next(changes: &mut tokio::sync::mpsc::UnboundedReceiver<Change>) -> Change {
+        tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("the listener runs")
+    }
+    // The listener announces a resync once it listens; changes made after it arrive.
+    assert_eq!(next(&mut changes).await, Change::Resync);
+    let secret = Secret {
+        name: "db".into(),
+        ..Default::default()
+    };
+    store.create_secret(&secret).await.unwrap();
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Changed("secret:db".into())
+    );
+    store
+        .create_base_image(&BaseImage {
+            name: "py".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Changed("baseimage:py".into())
+    );
+    store.delete_secret("db").await.unwrap();
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Changed("secret:db".into())
+    );
 }
 
 async fn migrations_are_idempotent(backend: &Backend) {

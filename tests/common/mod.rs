@@ -764,6 +764,15 @@ impl Stats {
             .clone()
             .expect("the upstream saw a request")
     }
+
+    /// The `context` of the last envelope a [`Behavior::Envelope`] upstream got (its
+    /// `secrets`, `deadline`, `event`, `httpContext`).
+    pub fn last_context(&self) -> Value {
+        let body = self.last()["body"].as_str().unwrap_or_default().to_string();
+        let sent: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("the last request is not an envelope ({e}): {body}"));
+        sent["context"].clone()
+    }
 }
 
 /// A gate that gated upstreams wait on; opened once, stays open.

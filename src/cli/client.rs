@@ -187,10 +187,10 @@ pub struct GetArgs {
     name: Option<String>,
     /// For runs: one run of that function, by its id.
     run: Option<String>,
-    /// For runs: at most this many (the gateway pages by 100 by default).
+    /// For runs: how many per page (the gateway's default is 100, its most 1000).
     #[arg(long)]
     limit: Option<u32>,
-    /// For runs: follow the gateway's pages to the end.
+    /// For runs: follow the gateway's pages (X-Next-Cursor) to the end.
     #[arg(long)]
     all: bool,
     #[command(flatten)]
@@ -746,8 +746,7 @@ fn get_runs(client: &Client, args: &GetArgs) -> Result<ExitCode, CliError> {
     let more = loop {
         let mut query: Vec<String> = function_query.iter().cloned().collect();
         if let Some(limit) = args.limit {
-            let left = limit as usize - runs.len().min(limit as usize);
-            query.push(format!("limit={}", left.min(1000)));
+            query.push(format!("limit={limit}"));
         }
         if let Some(c) = &cursor {
             query.push(format!("cursor={}", encode_segment(c)));
@@ -766,10 +765,8 @@ fn get_runs(client: &Client, args: &GetArgs) -> Result<ExitCode, CliError> {
                 )));
             }
         }
-        let next = reply.header("x-next-cursor").map(str::to_string);
-        let full = args.limit.is_some_and(|l| runs.len() >= l as usize);
-        match next {
-            Some(next) if args.all && !full => cursor = Some(next),
+        match reply.header("x-next-cursor") {
+            Some(next) if args.all => cursor = Some(next.to_string()),
             next => break next.is_some(),
         }
     };
@@ -778,7 +775,7 @@ fn get_runs(client: &Client, args: &GetArgs) -> Result<ExitCode, CliError> {
         Format::Table => print!("{}", runs_table(&runs).render()),
     }
     if more {
-        eprintln!("(more runs: --all lists them all, --limit N sets how many)");
+        eprintln!("(more runs on the next pages: --all lists them all)");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,11 @@
-//! The `dispatch` command line: `dispatch serve` runs the gateway. The client verbs
-//! (`create`, `get`, `exec`, ...) join here.
+//! The `dispatch` command line: `dispatch serve` runs the gateway; `create`, `get`,
+//! `exec` and `delete` are its client, as Dispatch's `dispatch` CLI was (see client.rs).
+
+mod client;
+mod http;
+mod manifest;
+mod output;
+mod source;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +30,14 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve(ServeArgs),
+    /// Create functions, secrets, images, APIs... one, or every document of a YAML file.
+    Create(client::CreateArgs),
+    /// List objects, or show one.
+    Get(client::GetArgs),
+    /// Run a function.
+    Exec(client::ExecArgs),
+    /// Delete an object, or every document of a YAML file.
+    Delete(client::DeleteArgs),
 }
 
 #[derive(Args)]
@@ -45,6 +59,10 @@ struct ServeArgs {
 pub fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Create(args) => client::create(args),
+        Command::Get(args) => client::get(args),
+        Command::Exec(args) => client::exec(args),
+        Command::Delete(args) => client::delete(args),
     }
 }
 

@@ -360,7 +360,19 @@ async fn write_loop(
                 }
             }
         }
-        if !stopping && !linger.is_zero() && rx.len() + batch.len() < batch_max {
+        // A caller waiting for its run to be written is not made to wait for company too:
+        // only batches of records nobody waits for linger (under load, batches fill anyway
+        // while the previous one commits).
+        let awaited = batch.iter().any(|p| {
+            matches!(
+                p,
+                Pending::Run {
+                    written: Some(_),
+                    ..
+                }
+            )
+        });
+        if !stopping && !awaited && !linger.is_zero() && rx.len() + batch.len() < batch_max {
             // A shutdown cuts the wait short: everything queued is written at once.
             tokio::select! {
                 () = tokio::time::sleep(linger) => {}

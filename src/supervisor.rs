@@ -178,6 +178,17 @@ impl Supervisor {
         }
     }
 
+    /// Stops the processes of `spec` if they are still what its function runs (a build that
+    /// turned out unwanted; a newer registration's processes are left alone).
+    pub fn forget_spec(&self, spec: &LocalSpec) {
+        if let Some((_, group)) = self
+            .groups
+            .remove_if(&spec.function, |_, g| g.spec == *spec)
+        {
+            group.retire();
+        }
+    }
+
     /// A slot on one of the function's processes, starting them if none runs; waits for a
     /// free slot until `deadline`.
     pub async fn lease(

@@ -378,3 +378,96 @@ async fn idle_runtimes_stop_and_runtimes_die_with_a_killed_gateway() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_first_call_start_a_check_makes_it_ready_and_the_first_call_starts_it() {
+    let gw = Gateway::start_with(&[("DISPATCH_LOCAL_START", "first-call")]).await;
+    images(&gw).await;
+    let f = create(
+        &gw,
+        "lazy",
+        "nodejs",
+        "hello.handle",
+        &[("hello.js", HELLO_JS)],
+        json!({}),
+    )
+    .await;
+    assert_eq!(f["status"], "READY", "{f}");
+    let pid = gw.pid();
+    eventually(
+        Duration::from_secs(5),
+        "no runtime before the first call",
+        || children(pid).is_empty(),
+    )
+    .await;
+    let run = gw.run("lazy", json!({"name": "Jon"})).await.json();
+    assert_eq!(run["output"]["myField"], "Hello, Jon from Nowhere", "{run}");
+    assert_eq!(children(pid).len(), 1);
+    let broken = create(
+        &gw,
+        "broken",
+        "python3",
+        "bad.handle",
+        &[("bad.py", "def handle(:\n")],
+        json!({}),
+    )
+    .await;
+    assert_eq!(broken["status"], "ERROR");
+    assert!(broken["reason"].to_string().contains("line 1"), "{broken}");
+}
+
+const SERIAL_PY: &str = r#"
+import os, time
+def handle(ctx, payload):
+    path = payload["file"]
+    with open(path, "a") as f:
+        f.write("start\n")
+    time.sleep(0.2)
+    with open(path, "a") as f:
+        f.write("end\n")
+    return os.getpid()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_serves_at_most_its_concurrency() {
+    let gw = Gateway::start_with(&[("DISPATCH_LOCAL_PROCESS_CONCURRENCY", "1")]).await;
+    images(&gw).await;
+    create(
+        &gw,
+        "serial",
+        "python3",
+        "serial.handle",
+        &[("serial.py", SERIAL_PY)],
+        json!({}),
+    )
+    .await;
+    let file = gw.data_dir().join("serial.log");
+    let file = file.to_str().unwrap().to_string();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, file) = (gw.addr, file.clone());
+            tokio::spawn(async move {
+                let body = json!({"blocking": true, "input": {"file": file}}).to_string();
+                common::request(
+                    addr,
+                    http::Method::POST,
+                    "/v1/runs?functionName=serial",
+                    &[("content-type", "application/json")],
+                    body.into(),
+                )
+                .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let reply = call.await.unwrap();
+        assert_eq!(reply.json()["status"], "READY", "{}", reply.text());
+    }
+    // One process, one call at a time: the marks never interleave.
+    let marks = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        marks,
+        "start\nend\n".repeat(3),
+        "calls overlapped:\n{marks}"
+    );
+}

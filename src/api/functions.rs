@@ -56,15 +56,22 @@ fn initial_status(function: &Function) -> Status {
 /// ERROR with the reason (no such file, no such function, a syntax error and its line).
 /// A function changed or deleted meanwhile is left alone: its own build decides.
 async fn build_local(app: Arc<App>, spec: LocalSpec) {
+    let supervisor = &app.supervisor;
+    // With `local.start = "registration"` (the default, as Dispatch deployed a function when
+    // it was created) the function's processes start now, and their loading the handler is
+    // the check; with "first-call" a process of its own only loads it and exits.
     let outcome = match spec.unpack().await {
-        Ok(()) => {
-            spec.check(
-                app.supervisor.config(),
-                app.supervisor.runtimes(),
-                app.supervisor.files(),
-            )
-            .await
-        }
+        Ok(()) => match supervisor.config().start {
+            LocalStart::Registration => supervisor.warm(&spec).await,
+            LocalStart::FirstCall => {
+                spec.check(
+                    supervisor.config(),
+                    supervisor.runtimes(),
+                    supervisor.files(),
+                )
+                .await
+            }
+        },
         Err(why) => Err(why),
     };
     let _serial = app.writes.lock().await;
@@ -74,6 +81,8 @@ async fn build_local(app: Arc<App>, spec: LocalSpec) {
         .filter(|current| current.local.as_ref() == Some(&spec))
         .map(|current| current.spec.clone())
     else {
+        // Changed or deleted meanwhile: processes started for this spec are not wanted.
+        supervisor.forget_spec(&spec);
         return;
     };
     match &outcome {
@@ -101,14 +110,12 @@ async fn build_local(app: Arc<App>, spec: LocalSpec) {
     drop(_serial);
     match outcome {
         Ok(()) => {
-            tracing::info!(function = %spec.function, runtime = spec.runtime.as_str(), "function READY");
-            if app.supervisor.config().start == LocalStart::Registration
-                && let Err(why) = app.supervisor.warm(&spec).await
-            {
-                tracing::warn!(function = %spec.function, error = %why, "runtime did not start");
-            }
+            tracing::info!(function = %spec.function, runtime = spec.runtime.as_str(), "function READY")
         }
-        Err(why) => tracing::warn!(function = %spec.function, reason = %why, "function ERROR"),
+        Err(why) => {
+            supervisor.forget_spec(&spec);
+            tracing::warn!(function = %spec.function, reason = %why, "function ERROR")
+        }
     }
 }
 

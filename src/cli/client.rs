@@ -4,6 +4,26 @@
 //! [`Client`], prints what a user needs and returns the exit code: 0 when everything
 //! asked for was done, 1 otherwise (after reporting every object that failed).
 
+/// `print!`/`println!` that end the process quietly when stdout is closed early
+/// (`dispatch get runs | head`), as Unix tools do, instead of panicking.
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("writing to stdout: {e}");
+        }
+    }};
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        print!("{}\n", format_args!($($arg)*));
+    }};
+}
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -42,8 +42,9 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Configuration file (TOML), overlaid on the embedded defaults.
-    #[arg(long, env = "DISPATCH_CONFIG")]
+    /// Configuration file (TOML), overlaid on the embedded defaults. (`DISPATCH_CONFIG` is
+    /// the client verbs' config.json, as in Dispatch.)
+    #[arg(long, env = "DISPATCH_SERVE_CONFIG")]
     config: Option<PathBuf>,
     /// Address of the control and exec API [default: 127.0.0.1:8080].
     #[arg(long)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use dispatch::model::{BaseImage, CallFacts, Function, Image, Run, Secret, Status, Tag};
 use dispatch::store::postgres::PostgresStore;
 use dispatch::store::sqlite::SqliteStore;
-use dispatch::store::{Change, RunPosition, RunQuery, Store, StoreError};
+use dispatch::store::{Change, QueuedRun, RunPosition, RunQuery, Store, StoreError};
 
 /// Runs each test on a SQLite store and on a PostgreSQL store. `stores` tests take the
 /// open store; `backends` tests open (and reopen) it themselves.
@@ -57,6 +57,7 @@ on_both_backends! {
         base_images_and_images_are_created_and_deleted,
         secrets_are_created_replaced_and_deleted,
         catalog_changes_are_announced_to_other_gateways,
+        queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_ends,
     ],
     backends: [migrations_are_idempotent],
 }
@@ -672,4 +673,74 @@ async fn postgres_names_its_url_without_its_password() {
     let url = db.url().replace("postgres@", "postgres:unused@");
     let store = PostgresStore::connect(&url).await.unwrap();
     assert_eq!(store.url(), db.url());
+}
+
+fn queued(run: &Run, not_before_us: i64) -> QueuedRun {
+    QueuedRun {
+        name: run.name.clone(),
+        function_name: run.function_name.clone(),
+        job: format!("{{\"run\":\"{}\"}}", run.name),
+        attempts: 0,
+        not_before_us,
+        submitted_us: not_before_us,
+    }
+}
+
+async fn queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_ends(
+    store: &dyn Store,
+) {
+    let (a, b) = (
+        run("f", 1_000, Status::Initialized, &[]),
+        run("f", 2_000, Status::Initialized, &[]),
+    );
+    store.enqueue_run(&a, &queued(&a, 1_000)).await.unwrap();
+    store.enqueue_run(&b, &queued(&b, 5_000)).await.unwrap();
+    // The record is there at once, INITIALIZED.
+    let stored = store.get_run(&a.name).await.unwrap().expect("record of a");
+    assert_eq!(stored.status, Status::Initialized);
+    // The same run accepted twice is refused: it would run twice.
+    assert!(store.enqueue_run(&a, &queued(&a, 1_000)).await.is_err());
+
+    // At 2_000 only `a` is due; taken, it is held until 10_000.
+    let taken = store.take_queued(2_000, 10_000, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].name, a.name);
+    assert_eq!(taken[0].attempts, 1);
+    assert_eq!(taken[0].job, format!("{{\"run\":\"{}\"}}", a.name));
+    // Held: nobody else takes it; `b` is due by now.
+    let taken = store.take_queued(6_000, 10_000, 10).await.unwrap();
+    assert_eq!(
+        taken.iter().map(|q| &q.name).collect::<Vec<_>>(),
+        vec![&b.name]
+    );
+    // Put back for a retry at 7_000: taken again then, counting a second attempt.
+    store.requeue_run(&a.name, 7_000).await.unwrap();
+    assert!(
+        store
+            .take_queued(6_500, 20_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = store.take_queued(7_000, 20_000, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 2);
+    // `b`'s holder died: after its hold ends, it is taken again.
+    let retaken = store.take_queued(10_000, 30_000, 10).await.unwrap();
+    assert_eq!(
+        retaken.iter().map(|q| &q.name).collect::<Vec<_>>(),
+        vec![&b.name]
+    );
+    // Done: out of the queue for good.
+    store.dequeue_run(&a.name).await.unwrap();
+    store.dequeue_run(&b.name).await.unwrap();
+    assert!(
+        store
+            .take_queued(i64::MAX / 2, i64::MAX / 2, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The records stay.
+    assert!(store.get_run(&b.name).await.unwrap().is_some());
 }

@@ -103,6 +103,28 @@ pub trait Store: Send + Sync {
         None
     }
 
+    /// Accepts an async run for the embedded queue: its record (INITIALIZED) and its place
+    /// in the queue, in one transaction, so an accepted run is never lost and never queued
+    /// without a record.
+    async fn enqueue_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError>;
+
+    /// Takes up to `limit` queued runs due by `now_us` that nobody holds (or whose holder's
+    /// hold ended: a gateway that died), holding them until `hold_until_us`. Each taken
+    /// run's `attempts` counts one more. Several gateways may take at once: each run goes
+    /// to one of them.
+    async fn take_queued(
+        &self,
+        now_us: i64,
+        hold_until_us: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedRun>, StoreError>;
+
+    /// Puts a taken run back in the queue, due at `not_before_us` (a retry after a backoff).
+    async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError>;
+
+    /// Takes a run out of the queue: it finished, or was given up.
+    async fn dequeue_run(&self, name: &str) -> Result<(), StoreError>;
+
     /// Writes runs in one transaction. A run whose name is stored already is replaced, so
     /// writing the same run twice leaves one record.
     async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError>;
@@ -117,6 +139,19 @@ pub trait Store: Send + Sync {
         started_before_us: Option<i64>,
         keep: Option<u64>,
     ) -> Result<u64, StoreError>;
+}
+
+/// An async run in the embedded queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedRun {
+    pub name: String,
+    pub function_name: String,
+    /// What to run, as the queue encodes it (see `queue/mod.rs`).
+    pub job: String,
+    /// Attempts started so far.
+    pub attempts: u32,
+    pub not_before_us: i64,
+    pub submitted_us: i64,
 }
 
 /// The outcome of claiming an idempotency key.

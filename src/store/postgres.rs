@@ -20,8 +20,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    CatalogKind, Change, Claim, FunctionChange, RunQuery, Store, StoreError, run_started_us,
-    tag_pattern, tags_key,
+    CatalogKind, Change, Claim, FunctionChange, QueuedRun, RunQuery, Store, StoreError,
+    run_started_us, tag_pattern, tags_key,
 };
 use crate::error::error_chain as chain;
 use crate::model::{BaseImage, Function, Image, Run, Secret};
@@ -80,6 +80,17 @@ const MIGRATIONS: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('image');
     CREATE TRIGGER secret_changed AFTER INSERT OR UPDATE OR DELETE ON secrets
         FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('secret');"#,
+    // The embedded queue of async runs. `held_until_us` 0: nobody holds it.
+    r#"CREATE TABLE queue (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        function_name TEXT NOT NULL,
+        job TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before_us BIGINT NOT NULL,
+        held_until_us BIGINT NOT NULL DEFAULT 0,
+        submitted_us BIGINT NOT NULL
+    );
+    CREATE INDEX queue_due ON queue (not_before_us);"#,
 ];
 
 /// The advisory lock that serializes migrations between gateways: "dispatch" in ASCII.
@@ -473,6 +484,94 @@ impl Store for PostgresStore {
                     &c.record,
                 ],
             )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn enqueue_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError> {
+        let record = serde_json::to_string(run).map_err(backend)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &run.name,
+                &run.function_name,
+                &run.status.as_str(),
+                &run_started_us(run),
+                &tags_key(run),
+                &record,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        tx.execute(
+            "INSERT INTO queue (name, function_name, job, attempts, not_before_us, submitted_us)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &queued.name,
+                &queued.function_name,
+                &queued.job,
+                &(queued.attempts as i32),
+                &queued.not_before_us,
+                &queued.submitted_us,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn take_queued(
+        &self,
+        now_us: i64,
+        hold_until_us: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedRun>, StoreError> {
+        let client = self.client().await?;
+        // SKIP LOCKED: gateways taking at the same time each get other runs.
+        let rows = client
+            .query(
+                "UPDATE queue SET held_until_us = $2, attempts = attempts + 1
+                 WHERE name IN (SELECT name FROM queue
+                                WHERE not_before_us <= $1 AND held_until_us <= $1
+                                ORDER BY not_before_us LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 RETURNING name, function_name, job, attempts, not_before_us, submitted_us",
+                &[&now_us, &hold_until_us, &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| QueuedRun {
+                name: r.get(0),
+                function_name: r.get(1),
+                job: r.get(2),
+                attempts: r.get::<_, i32>(3) as u32,
+                not_before_us: r.get(4),
+                submitted_us: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE queue SET not_before_us = $2, held_until_us = 0 WHERE name = $1",
+                &[&name, &not_before_us],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn dequeue_run(&self, name: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM queue WHERE name = $1", &[&name])
             .await
             .map_err(pg)?;
         Ok(())

@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    CatalogKind, Claim, RunQuery, Store, StoreError, run_started_us, tag_pattern, tags_key,
+    CatalogKind, Claim, QueuedRun, RunQuery, Store, StoreError, run_started_us, tag_pattern,
+    tags_key,
 };
 use crate::model::{BaseImage, Function, Image, Run, Secret};
 
@@ -46,6 +47,17 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE base_images (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
     CREATE TABLE images (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
     CREATE TABLE secrets (name TEXT PRIMARY KEY, spec TEXT NOT NULL);",
+    // The embedded queue of async runs. `held_until_us` 0: nobody holds it.
+    "CREATE TABLE queue (
+        name TEXT PRIMARY KEY,
+        function_name TEXT NOT NULL,
+        job TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before_us INTEGER NOT NULL,
+        held_until_us INTEGER NOT NULL DEFAULT 0,
+        submitted_us INTEGER NOT NULL
+    );
+    CREATE INDEX queue_due ON queue (not_before_us);",
 ];
 
 #[derive(Clone)]
@@ -437,6 +449,91 @@ impl Store for SqliteStore {
                     .map_err(backend)?;
             }
             Ok(removed as u64)
+        })
+        .await
+    }
+
+    async fn enqueue_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError> {
+        let record = serde_json::to_string(run).map_err(backend)?;
+        let (name, function, status, started, tags) = (
+            run.name.clone(),
+            run.function_name.clone(),
+            run.status.as_str(),
+            run_started_us(run),
+            tags_key(run),
+        );
+        let q = queued.clone();
+        self.with(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(backend)?;
+            tx.execute(
+                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![name, function, status, started, tags, record],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO queue (name, function_name, job, attempts, not_before_us, submitted_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![q.name, q.function_name, q.job, q.attempts, q.not_before_us, q.submitted_us],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn take_queued(
+        &self,
+        now_us: i64,
+        hold_until_us: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedRun>, StoreError> {
+        self.with(move |conn| {
+            let mut take = conn
+                .prepare_cached(
+                    "UPDATE queue SET held_until_us = ?2, attempts = attempts + 1
+                     WHERE name IN (SELECT name FROM queue
+                                    WHERE not_before_us <= ?1 AND held_until_us <= ?1
+                                    ORDER BY not_before_us LIMIT ?3)
+                     RETURNING name, function_name, job, attempts, not_before_us, submitted_us",
+                )
+                .map_err(backend)?;
+            let rows = take
+                .query_map(params![now_us, hold_until_us, limit], |r| {
+                    Ok(QueuedRun {
+                        name: r.get(0)?,
+                        function_name: r.get(1)?,
+                        job: r.get(2)?,
+                        attempts: r.get(3)?,
+                        not_before_us: r.get(4)?,
+                        submitted_us: r.get(5)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE queue SET not_before_us = ?2, held_until_us = 0 WHERE name = ?1",
+                params![name, not_before_us],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dequeue_run(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            conn.execute("DELETE FROM queue WHERE name = ?1", params![name])
+                .map_err(backend)?;
+            Ok(())
         })
         .await
     }

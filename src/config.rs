@@ -24,6 +24,28 @@ pub struct Config {
     pub openfaas: OpenfaasConfig,
     pub local: LocalConfig,
     pub runtimes: RuntimesConfig,
+    pub queue: QueueConfig,
+}
+
+/// Async runs: where they wait, how many run at once, how failures are tried again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub backend: QueueBackend,
+    pub workers: usize,
+    pub attempts: u32,
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+    pub max_age_seconds: u64,
+    pub hold_seconds: u64,
+    pub poll_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    /// In the store: durable with it, taken again after a restart.
+    Embedded,
 }
 
 /// The `local` driver: runtime processes this server starts for functions registered
@@ -216,6 +238,15 @@ impl Config {
         }
         if self.records.batch == 0 {
             return bad("records.batch", "must be at least 1");
+        }
+        if self.queue.workers == 0 {
+            return bad("queue.workers", "must be at least 1");
+        }
+        if self.queue.attempts == 0 {
+            return bad("queue.attempts", "must be at least 1");
+        }
+        if self.queue.poll_ms == 0 || self.queue.hold_seconds == 0 {
+            return bad("queue", "poll_ms and hold_seconds must be greater than 0");
         }
         if self.local.processes == 0 {
             return bad("local.processes", "must be at least 1");

@@ -13,6 +13,7 @@ pub mod error;
 pub mod invoke;
 pub mod metrics;
 pub mod model;
+pub mod queue;
 pub mod records;
 pub mod registry;
 pub mod schema;

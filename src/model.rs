@@ -524,7 +524,7 @@ impl RunError {
 }
 
 /// What a client sends to `POST /v1/runs`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunRequest {
     #[serde(default)]

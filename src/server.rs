@@ -102,6 +102,7 @@ impl Server {
             store,
             metrics,
             supervisor,
+            queue_wake: tokio::sync::Notify::new(),
             accepting: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
         });
@@ -134,6 +135,7 @@ impl Server {
             writer,
             ..
         } = self;
+        tokio::spawn(crate::queue::work(app.clone()));
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).keep_alive(true);
@@ -170,6 +172,8 @@ impl Server {
         }
         drop(listener);
         app.accepting.store(false, Ordering::Release);
+        // The queue workers take no new runs either (they look at `accepting`).
+        app.queue_wake.notify_one();
         tracing::info!(
             drain_seconds = drain.as_secs(),
             "shutting down: listener closed, draining calls in flight"

@@ -198,22 +198,6 @@ async fn a_raw_function_answering_500_is_a_function_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_non_blocking_run_is_501() {
-    let up = Upstream::start(Behavior::Envelope).await;
-    let gw = Gateway::start().await;
-    gw.register(&dispatch_function("hello", &up, json!({})))
-        .await;
-    let reply = gw
-        .post_json(
-            "/v1/runs?functionName=hello",
-            &json!({"blocking": false, "input": {}}),
-        )
-        .await;
-    reply.assert_error(501, "not-implemented");
-    assert_eq!(up.stats.requests(), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_that_cannot_start_get_4xx() {
     let up = Upstream::start(Behavior::Envelope).await;
     let gw = Gateway::start().await;

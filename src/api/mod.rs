@@ -35,6 +35,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The local driver's runtime processes.
     pub supervisor: Arc<Supervisor>,
+    /// Wakes this gateway's queue workers when a run is submitted here.
+    pub queue_wake: tokio::sync::Notify,
     /// True while the listener accepts connections (for `/readyz`).
     pub accepting: AtomicBool,
     /// Serializes the control API's writes (store, then registry), so that a PUT and a
@@ -93,7 +95,12 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
             _ => Err(not_allowed(&method, path, "GET, POST")),
         },
         _ => {
-            if let Some(name) = path.strip_prefix("/v1/function/") {
+            if let Some(name) = path.strip_prefix("/async-function/") {
+                match method {
+                    Method::POST => runs::submit_raw(&app, name, req).await,
+                    _ => Err(not_allowed(&method, path, "POST")),
+                }
+            } else if let Some(name) = path.strip_prefix("/v1/function/") {
                 match method {
                     Method::GET => functions::get(&app, name),
                     Method::PUT => functions::update(&app, name, req).await,

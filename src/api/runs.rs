@@ -41,13 +41,12 @@ pub async fn create(
         ));
     }
     let request: RunRequest = parse_json(&body, "run")?;
-    if !request.blocking {
-        return Err(Error::NotImplemented(
-            "non-blocking runs are not available yet in this gateway; send \"blocking\": true"
-                .into(),
-        ));
-    }
     let run_name = crate::model::new_run_name().to_string();
+    if !request.blocking {
+        // Accepted once durable; the run goes on in a queue worker.
+        let run = crate::queue::submit(app, &name, request, run_name).await?;
+        return Ok(json_response(StatusCode::ACCEPTED, &run));
+    }
     let run = match idempotency_key(&headers)? {
         None => app.invoker.run(&name, request, &headers, run_name).await?,
         Some(key) => run_once(app, &name, &key, request, &headers, run_name).await?,
@@ -61,6 +60,50 @@ pub async fn create(
         resp.headers_mut()
             .insert("x-dispatch-error", HeaderValue::from_static("system-error"));
     }
+    Ok(resp)
+}
+
+/// OpenFaaS' async surface: `POST /async-function/{name}` queues a run with the body as its
+/// input (JSON, or else a string) and answers 202 with its name in `X-Call-Id` (the
+/// caller's own, when it sent a uuid), once the run is durable. Its outcome is the run's
+/// record: `GET /v1/runs/{name}`.
+pub async fn submit_raw(
+    app: &App,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Error> {
+    if req.headers().contains_key("x-callback-url") {
+        return Err(Error::NotImplemented(
+            "X-Callback-Url: callbacks are not available yet in this gateway; read the run \
+             with GET /v1/runs/{X-Call-Id}"
+                .into(),
+        ));
+    }
+    let run_name = req
+        .headers()
+        .get("x-call-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| uuid::Uuid::parse_str(id).is_ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| crate::model::new_run_name().to_string());
+    let method = req.method().to_string();
+    let body = read_body(req, app.config.limits.body_bytes).await?;
+    let input = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()));
+    let request = RunRequest {
+        input,
+        http_context: Some(
+            serde_json::json!({"method": method, "path": format!("/async-function/{name}")}),
+        ),
+        ..RunRequest::default()
+    };
+    let run = crate::queue::submit(app, name, request, run_name).await?;
+    let mut resp = Response::new(RespBody::empty());
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    resp.headers_mut().insert(
+        "x-call-id",
+        HeaderValue::from_str(&run.name).expect("a uuid is a header value"),
+    );
     Ok(resp)
 }
 

@@ -415,6 +415,22 @@ impl Invoker {
     pub async fn run(
         &self,
         name: &str,
+        request: RunRequest,
+        client_headers: &HeaderMap,
+        run_name: String,
+    ) -> Result<Run, Error> {
+        let run = self
+            .execute(name, request, client_headers, run_name)
+            .await?;
+        self.record(run.clone()).await;
+        Ok(run)
+    }
+
+    /// Phases 1 to 4 of a Dispatch run, without its record: what [`Invoker::run`] and the
+    /// async workers (which decide on retries before recording) share.
+    pub async fn execute(
+        &self,
+        name: &str,
         mut request: RunRequest,
         client_headers: &HeaderMap,
         run_name: String,
@@ -489,7 +505,6 @@ impl Invoker {
             started_us,
             ..CallFacts::default()
         });
-        self.record(run.clone()).await;
         Ok(run)
     }
 
@@ -566,7 +581,7 @@ impl Invoker {
     }
 
     /// Phase 1: the function, if it exists and is READY.
-    fn resolve(&self, name: &str) -> Result<Arc<FunctionEntry>, Error> {
+    pub fn resolve(&self, name: &str) -> Result<Arc<FunctionEntry>, Error> {
         let function = self
             .registry
             .get(name)

@@ -1,0 +1,301 @@
+//! Async runs. A run submitted without `blocking` (or on `/async-function/{name}`) is
+//! accepted only once it is durable: with the `embedded` backend, its record (INITIALIZED)
+//! and its place in the queue are written to the store in one transaction before the 202.
+//! Workers take due runs from the queue (holding each for `queue.hold_seconds`, so that a
+//! gateway that dies lets go of its runs), mark them CREATING, run them through the same
+//! invoker as blocking runs (pool, limits, deadlines, schemas, secrets), and then either
+//! record the outcome and take the run out of the queue, or put it back for a retry after an
+//! exponential backoff with jitter (failures worth trying again: the function could not be
+//! reached, or answered 429, 502, 503 or 504). Delivery is at least once; the record is one
+//! per run name, whatever the number of attempts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::api::App;
+use crate::config::QueueConfig;
+use crate::error::Error;
+use crate::model::{CallFacts, Run, RunError, RunErrorType, RunRequest, Status, unix_now};
+use crate::store::QueuedRun;
+
+/// What a queued run carries: the run request, as the client sent it.
+#[derive(Serialize, Deserialize)]
+struct Job {
+    request: RunRequest,
+}
+
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Accepts an async run of function `name`: 404 for a function that does not exist or is
+/// not READY (never a 202 for a run that cannot run), 503 when the store cannot take it.
+/// Returns the run as recorded (INITIALIZED).
+pub async fn submit(
+    app: &App,
+    name: &str,
+    mut request: RunRequest,
+    run_name: String,
+) -> Result<Run, Error> {
+    let function = app.invoker.resolve(name)?;
+    let now_us = unix_us();
+    request.blocking = false;
+    let run = Run {
+        name: run_name.clone(),
+        function_name: function.spec.name.clone(),
+        function_id: function.spec.id.clone(),
+        blocking: false,
+        status: Status::Initialized,
+        input: request.input.clone(),
+        tags: request.tags.clone(),
+        secrets: function
+            .spec
+            .secrets
+            .iter()
+            .chain(&request.secrets)
+            .cloned()
+            .collect(),
+        http_context: request.http_context.clone(),
+        event: request.event.clone(),
+        executed_time: unix_now(),
+        call: Some(CallFacts {
+            call_id: run_name.clone(),
+            started_us: now_us,
+            ..CallFacts::default()
+        }),
+        ..Run::default()
+    };
+    let job = serde_json::to_string(&Job { request })
+        .map_err(|e| Error::Internal(format!("encoding the run: {e}")))?;
+    let queued = QueuedRun {
+        name: run_name,
+        function_name: function.spec.name.clone(),
+        job,
+        attempts: 0,
+        not_before_us: now_us,
+        submitted_us: now_us,
+    };
+    app.store.enqueue_run(&run, &queued).await?;
+    app.queue_wake.notify_one();
+    Ok(run)
+}
+
+/// The workers of this gateway: take due runs while there are free slots, run each in a
+/// task of its own. Runs until the process ends; a store that is down is retried.
+pub async fn work(app: Arc<App>) {
+    let config = app.config.queue.clone();
+    let slots = Arc::new(Semaphore::new(config.workers));
+    let poll = Duration::from_millis(config.poll_ms);
+    // Until the server stops accepting (shutdown): runs taken and not finished by the
+    // time the process exits are taken again, here or elsewhere, when their hold ends.
+    while app.accepting.load(std::sync::atomic::Ordering::Acquire) {
+        // At least one free slot before taking anything.
+        let first = match slots.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => return,
+        };
+        let free = slots.available_permits() + 1;
+        let now = unix_us();
+        let hold_until = now + config.hold_seconds as i64 * 1_000_000;
+        let taken = match app.store.take_queued(now, hold_until, free as u32).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::warn!(error = %e, "queue: cannot take runs; trying again");
+                drop(first);
+                tokio::time::sleep(poll.max(Duration::from_secs(1))).await;
+                continue;
+            }
+        };
+        if taken.is_empty() {
+            drop(first);
+            wait(&app.queue_wake, poll).await;
+            continue;
+        }
+        let mut first = Some(first);
+        for queued in taken {
+            let permit = match first.take() {
+                Some(permit) => permit,
+                None => match slots.clone().acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let app = app.clone();
+            tokio::spawn(async move {
+                run_queued(&app, queued).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn wait(wake: &Notify, poll: Duration) {
+    tokio::select! {
+        () = wake.notified() => {}
+        () = tokio::time::sleep(poll) => {}
+    }
+}
+
+/// One attempt of a queued run, and what follows it: recorded and done, or put back.
+async fn run_queued(app: &App, queued: QueuedRun) {
+    let config = &app.config.queue;
+    let request = match serde_json::from_str::<Job>(&queued.job) {
+        Ok(job) => job.request,
+        Err(e) => {
+            // Not ours to run (written by something else): say so on the run, and let go.
+            let mut run = base_run(&queued);
+            finish_with(
+                &mut run,
+                RunError::system(format!("the queued run cannot be read: {e}")),
+            );
+            finish(app, &queued, run).await;
+            return;
+        }
+    };
+    let mut creating = base_run(&queued);
+    creating.status = Status::Creating;
+    creating.input = request.input.clone();
+    if let Err(e) = app.store.put_runs(std::slice::from_ref(&creating)).await {
+        tracing::warn!(run = %queued.name, error = %e, "queue: run not marked CREATING");
+    }
+    let outcome = app
+        .invoker
+        .execute(
+            &queued.function_name,
+            request.clone(),
+            &HeaderMap::new(),
+            queued.name.clone(),
+        )
+        .await;
+    let (mut run, retryable) = match outcome {
+        Ok(run) => {
+            let code = run.call.as_ref().map(|c| c.http_status).unwrap_or(0);
+            let retryable = run
+                .error
+                .as_ref()
+                .is_some_and(|e| e.kind == RunErrorType::SystemError)
+                && matches!(code, 0 | 429 | 502 | 503 | 504);
+            (run, retryable)
+        }
+        Err(e) => {
+            // Never started: the function is gone or not READY (final), or at its limit
+            // (worth trying again).
+            let retryable = matches!(e, Error::TooManyRequests { .. });
+            let mut run = creating.clone();
+            finish_with(&mut run, RunError::system(e.to_string()));
+            (run, retryable)
+        }
+    };
+    run.blocking = false;
+    run.input = request.input;
+    let age = Duration::from_micros((unix_us() - queued.submitted_us).max(0) as u64);
+    if retryable
+        && queued.attempts < config.attempts
+        && age < Duration::from_secs(config.max_age_seconds)
+    {
+        let delay = backoff(config, queued.attempts);
+        let error = run
+            .error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default();
+        run.status = Status::Initialized;
+        run.reason = vec![format!(
+            "attempt {} of {} failed ({error}); next in {} ms",
+            queued.attempts,
+            config.attempts,
+            delay.as_millis()
+        )];
+        tracing::info!(run = %queued.name, attempt = queued.attempts, delay_ms = delay.as_millis() as u64, "queue: run will be tried again");
+        if let Err(e) = app.store.put_runs(std::slice::from_ref(&run)).await {
+            tracing::warn!(run = %queued.name, error = %e, "queue: retry not recorded");
+        }
+        let due = unix_us() + delay.as_micros() as i64;
+        if let Err(e) = app.store.requeue_run(&queued.name, due).await {
+            // Still held: it is taken again when the hold ends.
+            tracing::warn!(run = %queued.name, error = %e, "queue: run not put back; taken again after its hold");
+        }
+        return;
+    }
+    if retryable {
+        let why = if queued.attempts >= config.attempts {
+            format!("gave up after {} attempts", queued.attempts)
+        } else {
+            format!("gave up: older than {} s", config.max_age_seconds)
+        };
+        run.reason.push(why);
+    }
+    finish(app, &queued, run).await;
+}
+
+/// Records a run's outcome, then takes it out of the queue. A crash between the two runs
+/// it again, and the record, one per run name, is written again.
+async fn finish(app: &App, queued: &QueuedRun, run: Run) {
+    if let Err(e) = app.store.put_runs(std::slice::from_ref(&run)).await {
+        // Left in the queue: taken again after its hold, and recorded then.
+        tracing::warn!(run = %queued.name, error = %e, "queue: outcome not recorded; the run will be taken again");
+        return;
+    }
+    if let Err(e) = app.store.dequeue_run(&queued.name).await {
+        tracing::warn!(run = %queued.name, error = %e, "queue: finished run left in the queue");
+    }
+}
+
+/// The run's fields known from the queue alone.
+fn base_run(queued: &QueuedRun) -> Run {
+    Run {
+        name: queued.name.clone(),
+        function_name: queued.function_name.clone(),
+        blocking: false,
+        executed_time: queued.submitted_us / 1_000_000,
+        call: Some(CallFacts {
+            call_id: queued.name.clone(),
+            started_us: queued.submitted_us,
+            ..CallFacts::default()
+        }),
+        ..Run::default()
+    }
+}
+
+fn finish_with(run: &mut Run, error: RunError) {
+    run.status = Status::Error;
+    run.reason = vec![error.message.clone()];
+    run.error = Some(error);
+    run.finished_time = unix_now();
+}
+
+/// The wait before attempt `attempts + 1`: `backoff_ms` doubled per attempt made, capped,
+/// with full jitter in its upper half so that runs failing together do not retry together.
+fn backoff(config: &QueueConfig, attempts: u32) -> Duration {
+    let base = config
+        .backoff_ms
+        .saturating_mul(1u64 << attempts.saturating_sub(1).min(20))
+        .min(config.backoff_max_ms);
+    Duration::from_millis(base / 2 + fastrand::u64(..=base / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let config = Config::defaults().queue;
+        for attempts in 1..12 {
+            let d = backoff(&config, attempts).as_millis() as u64;
+            let full = (config.backoff_ms << (attempts - 1)).min(config.backoff_max_ms);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempts}: {d} ms, full {full}"
+            );
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Async runs on the embedded queue (the store): accepted only once durable, run by the
+//! gateway's workers through the same invoker, tried again on failures worth it, and never
+//! lost across a gateway killed mid-way.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use common::{Behavior, Gateway, Upstream, free_addr, function};
+
+fn dispatch_fn(name: &str, addr: std::net::SocketAddr) -> Value {
+    function(name, &[addr], json!({"upstream": {"protocol": "dispatch"}}))
+}
+
+/// Waits until run `name` is READY or ERROR, and gives it.
+async fn finished(gw: &Gateway, name: &str, within: Duration) -> Value {
+    let until = std::time::Instant::now() + within;
+    loop {
+        let reply = gw.get(&format!("/v1/runs/{name}")).await;
+        if reply.status == 200 {
+            let run = reply.json();
+            if run["status"] == "READY" || run["status"] == "ERROR" {
+                return run;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "run {name} not finished: {}",
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn submit(gw: &Gateway, function: &str, input: Value) -> Value {
+    let reply = gw
+        .post_json(
+            &format!("/v1/runs?functionName={function}"),
+            &json!({"input": input}),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    reply.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_run_is_accepted_then_runs_and_its_record_says_how_it_went() {
+    let up = Upstream::start(Behavior::Envelope).await;
+    let gw = Gateway::start().await;
+    gw.register(&dispatch_fn("hello", up.addr)).await;
+    let accepted = submit(&gw, "hello", json!({"name": "Jon"})).await;
+    assert_eq!(accepted["status"], "INITIALIZED");
+    assert_eq!(accepted["blocking"], false);
+    let name = accepted["name"].as_str().unwrap().to_string();
+    let run = finished(&gw, &name, Duration::from_secs(10)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert_eq!(run["output"]["greeting"], "Hello, Jon");
+    assert_eq!(run["input"], json!({"name": "Jon"}));
+    assert_eq!(run["logs"]["stdout"], json!(["called"]));
+    // A function error is final: one attempt, ERROR with the function's error.
+    let failing = submit(&gw, "hello", json!({"fail": true})).await;
+    let run = finished(
+        &gw,
+        failing["name"].as_str().unwrap(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(run["status"], "ERROR");
+    assert_eq!(run["error"]["type"], "FunctionError");
+    assert_eq!(up.stats.requests(), 2);
+    // Listed like any run.
+    let listed = gw.get("/v1/runs?functionName=hello").await.json();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openfaas_async_surface_answers_202_with_the_call_id() {
+    let up = Upstream::start(Behavior::Echo).await;
+    let gw = Gateway::start().await;
+    gw.register(&function("echo", &[up.addr], json!({}))).await;
+    let reply = common::request(
+        gw.addr,
+        http::Method::POST,
+        "/async-function/echo",
+        &[],
+        bytes::Bytes::from_static(b"{\"a\": 1}"),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.header("x-call-id").expect("X-Call-Id").to_string();
+    let run = finished(&gw, &id, Duration::from_secs(10)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert_eq!(run["input"], json!({"a": 1}));
+    // Unknown functions are 404, never a 202 for a run that cannot run.
+    let reply = common::request(
+        gw.addr,
+        http::Method::POST,
+        "/async-function/nope",
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    reply.assert_error(404, "not-found");
+    let reply = gw
+        .post_json("/v1/runs?functionName=nope", &json!({"input": {}}))
+        .await;
+    reply.assert_error(404, "not-found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_function_is_tried_again_until_it_answers_or_the_attempts_run_out() {
+    let addr = free_addr();
+    let gw = Gateway::start_with(&[
+        ("DISPATCH_QUEUE_BACKOFF_MS", "100"),
+        ("DISPATCH_QUEUE_ATTEMPTS", "8"),
+    ])
+    .await;
+    gw.register(&dispatch_fn("later", addr)).await;
+    let accepted = submit(&gw, "later", json!({"name": "Arya"})).await;
+    let name = accepted["name"].as_str().unwrap().to_string();
+    // Nothing listens yet: the run waits for its next attempt, saying why.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = gw.get(&format!("/v1/runs/{name}")).await.json();
+        if run["reason"].to_string().contains("attempt 1 of 8 failed") {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "no retry noted: {run}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
+    let run = finished(&gw, &name, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert_eq!(run["output"]["greeting"], "Hello, Arya");
+    assert_eq!(up.stats.requests(), 1);
+
+    // With no upstream at all, it gives up after the configured attempts.
+    let never = free_addr();
+    gw.register(&dispatch_fn("never", never)).await;
+    let accepted = submit(&gw, "never", json!({})).await;
+    let run = finished(
+        &gw,
+        accepted["name"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(run["status"], "ERROR");
+    assert!(
+        run["reason"]
+            .to_string()
+            .contains("gave up after 8 attempts"),
+        "{run}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_accepted_by_a_gateway_killed_mid_way_are_all_finished_after_it_starts_again() {
+    let addr = free_addr();
+    let mut gw = Gateway::start_with(&[
+        ("DISPATCH_QUEUE_BACKOFF_MS", "200"),
+        ("DISPATCH_QUEUE_ATTEMPTS", "50"),
+        ("DISPATCH_QUEUE_HOLD_SECONDS", "1"),
+    ])
+    .await;
+    gw.register(&dispatch_fn("slow-start", addr)).await;
+    let mut names = Vec::new();
+    for i in 0..30 {
+        let accepted = submit(&gw, "slow-start", json!({"name": format!("n{i}")})).await;
+        names.push(accepted["name"].as_str().unwrap().to_string());
+    }
+    // Killed with runs queued, some held by its workers.
+    gw.crash();
+    let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
+    gw.start_again().await;
+    for (i, name) in names.iter().enumerate() {
+        let run = finished(&gw, name, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "READY", "{run}");
+        assert_eq!(run["output"]["greeting"], format!("Hello, n{i}"));
+    }
+    // Each ran once: the upstream appeared after the crash, and nothing ran twice since.
+    assert_eq!(up.stats.requests(), names.len());
+}

@@ -39,6 +39,7 @@ pub struct QueueConfig {
     pub max_age_seconds: u64,
     pub hold_seconds: u64,
     pub poll_ms: u64,
+    pub callback_attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -182,3 +182,82 @@ async fn runs_accepted_by_a_gateway_killed_mid_way_are_all_finished_after_it_sta
     // Each ran once: the upstream appeared after the crash, and nothing ran twice since.
     assert_eq!(up.stats.requests(), names.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_goes_to_the_callback_url_and_a_failing_callback_is_noted_on_the_run() {
+    let up = Upstream::start(Behavior::Envelope).await;
+    let receiver = Upstream::start(Behavior::Echo).await;
+    let gw = Gateway::start_with(&[("DISPATCH_QUEUE_CALLBACK_ATTEMPTS", "2")]).await;
+    gw.register(&dispatch_fn("hello", up.addr)).await;
+    let reply = common::request(
+        gw.addr,
+        http::Method::POST,
+        "/async-function/hello",
+        &[("x-callback-url", &format!("{}/done?x=1", receiver.url()))],
+        bytes::Bytes::from_static(b"{\"name\": \"Bran\"}"),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.header("x-call-id").unwrap().to_string();
+    common::eventually(Duration::from_secs(10), "the callback", || {
+        receiver.stats.requests() == 1
+    })
+    .await;
+    let got = receiver.stats.last();
+    assert_eq!(got["method"], "POST");
+    assert_eq!(got["path"], "/done");
+    assert_eq!(got["headers"]["x-call-id"], json!([id]));
+    assert_eq!(got["headers"]["x-function-name"], json!(["hello"]));
+    assert_eq!(got["headers"]["x-function-status"], json!(["200"]));
+    assert!(
+        got["headers"]["x-duration-seconds"][0]
+            .as_str()
+            .unwrap()
+            .parse::<f64>()
+            .is_ok()
+    );
+    let body: Value = serde_json::from_str(got["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["greeting"], "Hello, Bran");
+
+    // A callback URL nobody answers: the run still ends READY, and says the callback failed.
+    let nobody = free_addr();
+    let reply = common::request(
+        gw.addr,
+        http::Method::POST,
+        "/async-function/hello",
+        &[("x-callback-url", &format!("http://{nobody}/cb"))],
+        bytes::Bytes::from_static(b"{}"),
+    )
+    .await;
+    let id = reply.header("x-call-id").unwrap().to_string();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = gw.get(&format!("/v1/runs/{id}")).await.json();
+        if run["reason"]
+            .to_string()
+            .contains("failed after 2 attempts")
+        {
+            assert_eq!(run["status"], "READY");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "callback failure not noted: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A URL that is not one: 400 at once, nothing queued.
+    let reply = common::request(
+        gw.addr,
+        http::Method::POST,
+        "/async-function/hello",
+        &[("x-callback-url", "ftp://x")],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert!(
+        reply
+            .assert_error(400, "bad-request")
+            .contains("X-Callback-Url")
+    );
+}

@@ -44,7 +44,14 @@ pub async fn create(
     let run_name = crate::model::new_run_name().to_string();
     if !request.blocking {
         // Accepted once durable; the run goes on in a queue worker.
-        let run = crate::queue::submit(app, &name, request, run_name).await?;
+        let callback = match headers.get("x-callback-url") {
+            None => None,
+            Some(url) => Some(
+                crate::queue::callback::parse(url.to_str().unwrap_or_default())
+                    .map_err(Error::BadRequest)?,
+            ),
+        };
+        let run = crate::queue::submit(app, &name, request, run_name, callback).await?;
         return Ok(json_response(StatusCode::ACCEPTED, &run));
     }
     let run = match idempotency_key(&headers)? {
@@ -72,13 +79,13 @@ pub async fn submit_raw(
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
-    if req.headers().contains_key("x-callback-url") {
-        return Err(Error::NotImplemented(
-            "X-Callback-Url: callbacks are not available yet in this gateway; read the run \
-             with GET /v1/runs/{X-Call-Id}"
-                .into(),
-        ));
-    }
+    let callback = match req.headers().get("x-callback-url") {
+        None => None,
+        Some(url) => Some(
+            crate::queue::callback::parse(url.to_str().unwrap_or_default())
+                .map_err(Error::BadRequest)?,
+        ),
+    };
     let run_name = req
         .headers()
         .get("x-call-id")
@@ -97,7 +104,7 @@ pub async fn submit_raw(
         ),
         ..RunRequest::default()
     };
-    let run = crate::queue::submit(app, name, request, run_name).await?;
+    let run = crate::queue::submit(app, name, request, run_name, callback).await?;
     let mut resp = Response::new(RespBody::empty());
     *resp.status_mut() = StatusCode::ACCEPTED;
     resp.headers_mut().insert(

@@ -9,6 +9,8 @@
 //! reached, or answered 429, 502, 503 or 504). Delivery is at least once; the record is one
 //! per run name, whatever the number of attempts.
 
+pub mod callback;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +24,13 @@ use crate::error::Error;
 use crate::model::{CallFacts, Run, RunError, RunErrorType, RunRequest, Status, unix_now};
 use crate::store::QueuedRun;
 
-/// What a queued run carries: the run request, as the client sent it.
+/// What a queued run carries: the run request, as the client sent it, and where its
+/// answer goes when it ends.
 #[derive(Serialize, Deserialize)]
 struct Job {
     request: RunRequest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    callback: Option<callback::Callback>,
 }
 
 fn unix_us() -> i64 {
@@ -43,6 +48,7 @@ pub async fn submit(
     name: &str,
     mut request: RunRequest,
     run_name: String,
+    callback: Option<callback::Callback>,
 ) -> Result<Run, Error> {
     let function = app.invoker.resolve(name)?;
     let now_us = unix_us();
@@ -72,7 +78,7 @@ pub async fn submit(
         }),
         ..Run::default()
     };
-    let job = serde_json::to_string(&Job { request })
+    let job = serde_json::to_string(&Job { request, callback })
         .map_err(|e| Error::Internal(format!("encoding the run: {e}")))?;
     let queued = QueuedRun {
         name: run_name,
@@ -146,8 +152,8 @@ async fn wait(wake: &Notify, poll: Duration) {
 /// One attempt of a queued run, and what follows it: recorded and done, or put back.
 async fn run_queued(app: &App, queued: QueuedRun) {
     let config = &app.config.queue;
-    let request = match serde_json::from_str::<Job>(&queued.job) {
-        Ok(job) => job.request,
+    let (request, callback) = match serde_json::from_str::<Job>(&queued.job) {
+        Ok(job) => (job.request, job.callback),
         Err(e) => {
             // Not ours to run (written by something else): say so on the run, and let go.
             let mut run = base_run(&queued);
@@ -155,7 +161,7 @@ async fn run_queued(app: &App, queued: QueuedRun) {
                 &mut run,
                 RunError::system(format!("the queued run cannot be read: {e}")),
             );
-            finish(app, &queued, run).await;
+            finish(app, &queued, run, None).await;
             return;
         }
     };
@@ -232,12 +238,13 @@ async fn run_queued(app: &App, queued: QueuedRun) {
         };
         run.reason.push(why);
     }
-    finish(app, &queued, run).await;
+    finish(app, &queued, run, callback).await;
 }
 
-/// Records a run's outcome, then takes it out of the queue. A crash between the two runs
-/// it again, and the record, one per run name, is written again.
-async fn finish(app: &App, queued: &QueuedRun, run: Run) {
+/// Records a run's outcome, then takes it out of the queue, then calls its callback (off
+/// the worker: a slow callback URL holds no worker). A crash between the first two runs it
+/// again, and the record, one per run name, is written again.
+async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<callback::Callback>) {
     if let Err(e) = app.store.put_runs(std::slice::from_ref(&run)).await {
         // Left in the queue: taken again after its hold, and recorded then.
         tracing::warn!(run = %queued.name, error = %e, "queue: outcome not recorded; the run will be taken again");
@@ -246,6 +253,20 @@ async fn finish(app: &App, queued: &QueuedRun, run: Run) {
     if let Err(e) = app.store.dequeue_run(&queued.name).await {
         tracing::warn!(run = %queued.name, error = %e, "queue: finished run left in the queue");
     }
+    let Some(callback) = callback else {
+        return;
+    };
+    let store = app.store.clone();
+    let attempts = app.config.queue.callback_attempts;
+    tokio::spawn(async move {
+        if let Err(why) = callback::deliver(&callback, &run, attempts).await {
+            tracing::warn!(run = %run.name, error = %why, "queue: callback failed");
+            run.reason.push(why);
+            if let Err(e) = store.put_runs(std::slice::from_ref(&run)).await {
+                tracing::warn!(run = %run.name, error = %e, "queue: callback failure not recorded");
+            }
+        }
+    });
 }
 
 /// The run's fields known from the queue alone.

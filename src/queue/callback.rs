@@ -1,0 +1,114 @@
+//! OpenFaaS' `X-Callback-Url`: when an async run ends, its answer is POSTed to the URL the
+//! caller gave, with `X-Call-Id`, `X-Function-Status`, `X-Function-Name` and
+//! `X-Duration-Seconds`. A callback that fails (no connection, no answer in time, a status
+//! of 500 or more) is tried again with backoff; its failure is written on the run.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Uri};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::model::Run;
+
+/// Where a run's answer goes, as the caller asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Callback {
+    pub url: String,
+}
+
+/// Checks a callback URL when the run is submitted, so a bad one is a 400 then, not a
+/// failure later.
+pub fn parse(url: &str) -> Result<Callback, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("X-Callback-Url: \"{url}\" is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        _ => {
+            return Err(format!(
+                "X-Callback-Url: \"{url}\" must be an http:// URL (https callbacks are not supported yet)"
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("X-Callback-Url: \"{url}\" has no host"));
+    }
+    Ok(Callback {
+        url: url.to_string(),
+    })
+}
+
+/// Tries the callback `attempts` times (waiting 200 ms, then twice as long each time);
+/// says why it failed in the end, if it did.
+pub async fn deliver(callback: &Callback, run: &Run, attempts: u32) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(8))).await;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), post(callback, run)).await {
+            Ok(Ok(status)) if status < 500 => return Ok(()),
+            Ok(Ok(status)) => last = format!("it answered HTTP {status}"),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "no answer within 10 s".into(),
+        }
+    }
+    Err(format!(
+        "callback to {} failed after {attempts} attempts: {last}",
+        callback.url
+    ))
+}
+
+/// The body a callback carries: the function's output as the raw surface would have
+/// answered it (a string as is, anything else as JSON), or its error.
+fn body_of(run: &Run) -> Bytes {
+    match (&run.error, &run.output) {
+        (Some(error), _) => serde_json::to_vec(error).unwrap_or_default().into(),
+        (None, serde_json::Value::String(text)) => Bytes::from(text.clone()),
+        (None, output) => serde_json::to_vec(output).unwrap_or_default().into(),
+    }
+}
+
+async fn post(callback: &Callback, run: &Run) -> Result<u16, String> {
+    let uri: Uri = callback.url.parse().map_err(|e| format!("{e}"))?;
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let call = run.call.clone().unwrap_or_default();
+    let status = if run.error.is_some() && call.http_status < 400 {
+        500
+    } else {
+        call.http_status
+    };
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(target)
+        .header(http::header::HOST, authority)
+        .header("x-call-id", run.name.as_str())
+        .header("x-function-status", status.to_string())
+        .header("x-function-name", run.function_name.as_str())
+        .header(
+            "x-duration-seconds",
+            HeaderValue::from_str(&format!("{:.6}", call.duration_ms / 1e3))
+                .unwrap_or(HeaderValue::from_static("0")),
+        )
+        .body(Full::new(body_of(run)))
+        .map_err(|e| format!("{e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("{e}"))?;
+    Ok(resp.status().as_u16())
+}

@@ -14,6 +14,26 @@ fn dispatch_fn(name: &str, addr: std::net::SocketAddr) -> Value {
     function(name, &[addr], json!({"upstream": {"protocol": "dispatch"}}))
 }
 
+/// Runs the `dispatch` client (in a HOME of its own, so no real config.json is read).
+async fn cli(args: &[&str]) -> (i32, String) {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dispatch"));
+    cmd.args(args)
+        .env("HOME", home.path())
+        .env_remove("DISPATCH_CONFIG");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Waits until run `name` is READY or ERROR, and gives it.
 async fn finished(gw: &Gateway, name: &str, within: Duration) -> Value {
     let until = std::time::Instant::now() + within;
@@ -260,4 +280,59 @@ async fn the_answer_goes_to_the_callback_url_and_a_failing_callback_is_noted_on_
             .assert_error(400, "bad-request")
             .contains("X-Callback-Url")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_that_end_in_error_wait_with_the_dead_letters_and_can_be_sent_again() {
+    let addr = free_addr();
+    let gw = Gateway::start_with(&[
+        ("DISPATCH_QUEUE_BACKOFF_MS", "50"),
+        ("DISPATCH_QUEUE_ATTEMPTS", "2"),
+    ])
+    .await;
+    gw.register(&dispatch_fn("flaky", addr)).await;
+    let accepted = submit(&gw, "flaky", json!({"name": "Hodor"})).await;
+    let name = accepted["name"].as_str().unwrap().to_string();
+    let run = finished(&gw, &name, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "ERROR", "{run}");
+    let dead = gw.get("/v1/runs?dead=true").await.json();
+    assert_eq!(dead.as_array().unwrap().len(), 1, "{dead}");
+    assert_eq!(dead[0]["name"], name.as_str());
+    assert_eq!(
+        gw.get("/v1/runs?dead=true&functionName=other").await.json(),
+        json!([])
+    );
+
+    // The CLI lists it...
+    let port = gw.addr.port().to_string();
+    let (code, out) = cli(&["get", "runs", "--dead", "-o", "json", "--port", &port]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&name), "{out}");
+    // ...and, the function being back, sends it again: it ends READY.
+    let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
+    let (code, out) = cli(&["retry", &name, "--port", &port]).await;
+    assert_eq!(code, 0, "{out}");
+    let accepted: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(accepted["status"], "INITIALIZED");
+    let run = finished(&gw, &name, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert_eq!(run["output"]["greeting"], "Hello, Hodor");
+    assert_eq!(up.stats.requests(), 1);
+    assert_eq!(gw.get("/v1/runs?dead=true").await.json(), json!([]));
+
+    // Only dead runs go again.
+    let reply = gw
+        .post_json(&format!("/v1/runs/{name}/retry"), &json!({}))
+        .await;
+    assert!(reply.assert_error(409, "conflict").contains("dead letters"));
+    let reply = gw
+        .post_json(
+            "/v1/runs/00000000-0000-0000-0000-000000000000/retry",
+            &json!({}),
+        )
+        .await;
+    reply.assert_error(404, "not-found");
+    gw.get("/v1/runs?dead=maybe")
+        .await
+        .assert_error(400, "bad-request");
 }

@@ -731,6 +731,27 @@ async fn queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_e
         retaken.iter().map(|q| &q.name).collect::<Vec<_>>(),
         vec![&b.name]
     );
+    // Given up: with the dead letters, never taken; revived, taken again.
+    store.bury_run(&a.name).await.unwrap();
+    assert!(
+        store
+            .take_queued(40_000, 50_000, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|q| q.name != a.name)
+    );
+    assert_eq!(store.dead_runs(10).await.unwrap(), vec![a.name.clone()]);
+    assert!(store.revive_run(&a.name, 60_000).await.unwrap());
+    assert!(
+        !store.revive_run(&a.name, 60_000).await.unwrap(),
+        "only the dead revive"
+    );
+    assert!(store.dead_runs(10).await.unwrap().is_empty());
+    let revived = store.take_queued(60_000, 70_000, 10).await.unwrap();
+    let revived: Vec<_> = revived.iter().filter(|q| q.name == a.name).collect();
+    assert_eq!(revived.len(), 1);
+    assert_eq!(revived[0].attempts, 1, "attempts start afresh");
     // Done: out of the queue for good.
     store.dequeue_run(&a.name).await.unwrap();
     store.dequeue_run(&b.name).await.unwrap();

@@ -126,15 +126,19 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
                     Method::DELETE => secrets::delete(&app, name).await,
                     _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
                 }
+            } else if let Some(name) = path
+                .strip_prefix("/v1/runs/")
+                .and_then(|rest| rest.strip_suffix("/retry"))
+            {
+                match method {
+                    Method::POST => runs::retry(&app, name).await,
+                    _ => Err(not_allowed(&method, path, "POST")),
+                }
             } else if let Some(name) = path.strip_prefix("/v1/runs/") {
                 match method {
                     Method::GET => runs::get(&app, name, uri.query()).await,
                     _ => Err(not_allowed(&method, path, "GET")),
                 }
-            } else if path.starts_with("/async-function/") {
-                Err(Error::NotImplemented(
-                    "asynchronous calls are not available yet in this gateway; call /function/{name}".into(),
-                ))
             } else {
                 Err(Error::NotFound(format!("no such path: {path}")))
             }

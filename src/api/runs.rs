@@ -70,6 +70,47 @@ pub async fn create(
     Ok(resp)
 }
 
+/// `GET /v1/runs?dead=true[&functionName=F][&limit=N]`: the async runs that ended ERROR
+/// and wait in the dead letters, most recently submitted first.
+async fn list_dead(
+    app: &App,
+    function: Option<String>,
+    limit: Option<String>,
+) -> Result<Response<RespBody>, Error> {
+    let limit = match limit {
+        None => DEFAULT_LIMIT,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| Error::BadRequest(format!("limit: \"{v}\" must be 1 to {MAX_LIMIT}")))?,
+    };
+    let mut runs = Vec::new();
+    for name in app.store.dead_runs(limit).await? {
+        if let Some(run) = app.store.get_run(&name).await?
+            && function.as_ref().is_none_or(|f| &run.function_name == f)
+        {
+            runs.push(run);
+        }
+    }
+    Ok(json_response(StatusCode::OK, &runs))
+}
+
+/// `POST /v1/runs/{name}/retry`: sends a dead run again; 202 with the run (INITIALIZED).
+/// 404 for no such run, 409 for a run that is not with the dead letters.
+pub async fn retry(app: &App, name: &str) -> Result<Response<RespBody>, Error> {
+    match crate::queue::retry(app, name).await? {
+        Some(run) => Ok(json_response(StatusCode::ACCEPTED, &run)),
+        None => match app.store.get_run(name).await? {
+            None => Err(Error::NotFound(format!("run \"{name}\" not found"))),
+            Some(run) => Err(Error::Conflict(format!(
+                "run \"{name}\" is not with the dead letters (status {}); only async runs that ended ERROR can be sent again",
+                run.status.as_str()
+            ))),
+        },
+    }
+}
+
 /// OpenFaaS' async surface: `POST /async-function/{name}` queues a run with the body as its
 /// input (JSON, or else a string) and answers 202 with its name in `X-Call-Id` (the
 /// caller's own, when it sent a uuid), once the run is durable. Its outcome is the run's
@@ -191,6 +232,15 @@ pub async fn list(app: &App, query: Option<&str>) -> Result<Response<RespBody>, 
             .next()
             .filter(|v| !v.is_empty())
     };
+    match one("dead").as_deref() {
+        None | Some("false") => {}
+        Some("true") => return list_dead(app, one("functionName"), one("limit")).await,
+        Some(other) => {
+            return Err(Error::BadRequest(format!(
+                "dead: \"{other}\" must be true or false"
+            )));
+        }
+    }
     let since = one("since")
         .map(|v| {
             v.parse::<i64>().ok().filter(|s| *s >= 0).ok_or_else(|| {

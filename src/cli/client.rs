@@ -213,6 +213,10 @@ pub struct GetArgs {
     /// For runs: follow the gateway's pages (X-Next-Cursor) to the end.
     #[arg(long)]
     all: bool,
+    /// For runs: the async runs that ended ERROR and wait with the dead letters
+    /// (`dispatch retry RUN` sends one again).
+    #[arg(long)]
+    dead: bool,
     #[command(flatten)]
     out: OutputArgs,
     #[command(flatten)]
@@ -232,6 +236,14 @@ pub struct ExecArgs {
     /// A secret to pass to this run (repeatable).
     #[arg(long = "secret")]
     secrets: Vec<String>,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    /// The run to send again (an async run that ended ERROR, from `get runs --dead`).
+    run: String,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -765,6 +777,9 @@ fn get_runs(client: &Client, args: &GetArgs) -> Result<ExitCode, CliError> {
     let mut cursor: Option<String> = None;
     let more = loop {
         let mut query: Vec<String> = function_query.iter().cloned().collect();
+        if args.dead {
+            query.push("dead=true".into());
+        }
         if let Some(limit) = args.limit {
             query.push(format!("limit={limit}"));
         }
@@ -831,6 +846,17 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         }
         let path = format!("/v1/runs?functionName={}", encode_segment(&args.name));
         let run = client.call(Method::POST, &path, Some(&body))?.json()?;
+        println!("{}", pretty(&run));
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `dispatch retry RUN`: sends a dead run again (`POST /v1/runs/{run}/retry`) and prints
+/// the run as accepted.
+pub fn retry(args: RetryArgs) -> ExitCode {
+    run(&args.conn, |client| {
+        let path = format!("/v1/runs/{}/retry", encode_segment(&args.run));
+        let run = client.call(Method::POST, &path, Some(&json!({})))?.json()?;
         println!("{}", pretty(&run));
         Ok(ExitCode::SUCCESS)
     })

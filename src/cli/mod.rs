@@ -38,6 +38,8 @@ enum Command {
     Exec(client::ExecArgs),
     /// Delete an object, or every document of a YAML file.
     Delete(client::DeleteArgs),
+    /// Send an async run that ended ERROR again, from the dead letters.
+    Retry(client::RetryArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::Get(args) => client::get(args),
         Command::Exec(args) => client::exec(args),
         Command::Delete(args) => client::delete(args),
+        Command::Retry(args) => client::retry(args),
     }
 }
 

@@ -149,6 +149,26 @@ async fn wait(wake: &Notify, poll: Duration) {
     }
 }
 
+/// Sends a dead run again (`POST /v1/runs/{name}/retry`): its attempts start afresh, and
+/// its record says INITIALIZED again. `None` when no dead run has that name.
+pub async fn retry(app: &App, name: &str) -> Result<Option<Run>, Error> {
+    if !app.store.revive_run(name, unix_us()).await? {
+        return Ok(None);
+    }
+    let mut run = app
+        .store
+        .get_run(name)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("run \"{name}\" not found")))?;
+    run.status = Status::Initialized;
+    run.reason = vec!["sent again from the dead letters".into()];
+    run.error = None;
+    run.output = serde_json::Value::Null;
+    app.store.put_runs(std::slice::from_ref(&run)).await?;
+    app.queue_wake.notify_one();
+    Ok(Some(run))
+}
+
 /// One attempt of a queued run, and what follows it: recorded and done, or put back.
 async fn run_queued(app: &App, queued: QueuedRun) {
     let config = &app.config.queue;
@@ -241,8 +261,9 @@ async fn run_queued(app: &App, queued: QueuedRun) {
     finish(app, &queued, run, callback).await;
 }
 
-/// Records a run's outcome, then takes it out of the queue, then calls its callback (off
-/// the worker: a slow callback URL holds no worker). A crash between the first two runs it
+/// Records a run's outcome, then takes it out of the queue (READY) or keeps it with the
+/// dead letters (ERROR), then calls its callback (off the worker: a slow callback URL
+/// holds no worker). A crash between the first two runs it
 /// again, and the record, one per run name, is written again.
 async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<callback::Callback>) {
     if let Err(e) = app.store.put_runs(std::slice::from_ref(&run)).await {
@@ -250,7 +271,13 @@ async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<ca
         tracing::warn!(run = %queued.name, error = %e, "queue: outcome not recorded; the run will be taken again");
         return;
     }
-    if let Err(e) = app.store.dequeue_run(&queued.name).await {
+    // A run that ended ERROR goes to the dead letters, from where it can be sent again.
+    let left = if run.status == Status::Error {
+        app.store.bury_run(&queued.name).await
+    } else {
+        app.store.dequeue_run(&queued.name).await
+    };
+    if let Err(e) = left {
         tracing::warn!(run = %queued.name, error = %e, "queue: finished run left in the queue");
     }
     let Some(callback) = callback else {

@@ -122,8 +122,19 @@ pub trait Store: Send + Sync {
     /// Puts a taken run back in the queue, due at `not_before_us` (a retry after a backoff).
     async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError>;
 
-    /// Takes a run out of the queue: it finished, or was given up.
+    /// Takes a run out of the queue: it finished.
     async fn dequeue_run(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Keeps a run that was given up aside as dead (the dead-letter queue): never taken
+    /// again unless revived.
+    async fn bury_run(&self, name: &str) -> Result<(), StoreError>;
+
+    /// The dead runs' names, most recently submitted first.
+    async fn dead_runs(&self, limit: u32) -> Result<Vec<String>, StoreError>;
+
+    /// Sends a dead run again: due at `now_us`, its attempts counted afresh. False when
+    /// no dead run has that name.
+    async fn revive_run(&self, name: &str, now_us: i64) -> Result<bool, StoreError>;
 
     /// Writes runs in one transaction. A run whose name is stored already is replaced, so
     /// writing the same run twice leaves one record.

@@ -88,7 +88,8 @@ const MIGRATIONS: &[&str] = &[
         attempts INTEGER NOT NULL DEFAULT 0,
         not_before_us BIGINT NOT NULL,
         held_until_us BIGINT NOT NULL DEFAULT 0,
-        submitted_us BIGINT NOT NULL
+        submitted_us BIGINT NOT NULL,
+        dead BOOLEAN NOT NULL DEFAULT false
     );
     CREATE INDEX queue_due ON queue (not_before_us);"#,
 ];
@@ -536,7 +537,7 @@ impl Store for PostgresStore {
             .query(
                 "UPDATE queue SET held_until_us = $2, attempts = attempts + 1
                  WHERE name IN (SELECT name FROM queue
-                                WHERE not_before_us <= $1 AND held_until_us <= $1
+                                WHERE not_before_us <= $1 AND held_until_us <= $1 AND NOT dead
                                 ORDER BY not_before_us LIMIT $3 FOR UPDATE SKIP LOCKED)
                  RETURNING name, function_name, job, attempts, not_before_us, submitted_us",
                 &[&now_us, &hold_until_us, &(limit as i64)],
@@ -566,6 +567,44 @@ impl Store for PostgresStore {
             .await
             .map_err(pg)?;
         Ok(())
+    }
+
+    async fn bury_run(&self, name: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE queue SET dead = true, held_until_us = 0 WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn dead_runs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name FROM queue WHERE dead ORDER BY submitted_us DESC LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn revive_run(&self, name: &str, now_us: i64) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let changed = client
+            .execute(
+                "UPDATE queue SET dead = false, attempts = 0, not_before_us = $2,
+                   held_until_us = 0, submitted_us = $2
+                 WHERE name = $1 AND dead",
+                &[&name, &now_us],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(changed == 1)
     }
 
     async fn dequeue_run(&self, name: &str) -> Result<(), StoreError> {

@@ -55,7 +55,8 @@ const MIGRATIONS: &[&str] = &[
         attempts INTEGER NOT NULL DEFAULT 0,
         not_before_us INTEGER NOT NULL,
         held_until_us INTEGER NOT NULL DEFAULT 0,
-        submitted_us INTEGER NOT NULL
+        submitted_us INTEGER NOT NULL,
+        dead INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX queue_due ON queue (not_before_us);",
 ];
@@ -493,7 +494,7 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "UPDATE queue SET held_until_us = ?2, attempts = attempts + 1
                      WHERE name IN (SELECT name FROM queue
-                                    WHERE not_before_us <= ?1 AND held_until_us <= ?1
+                                    WHERE not_before_us <= ?1 AND held_until_us <= ?1 AND dead = 0
                                     ORDER BY not_before_us LIMIT ?3)
                      RETURNING name, function_name, job, attempts, not_before_us, submitted_us",
                 )
@@ -524,6 +525,50 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn bury_run(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE queue SET dead = 1, held_until_us = 0 WHERE name = ?1",
+                params![name],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dead_runs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT name FROM queue WHERE dead = 1 ORDER BY submitted_us DESC LIMIT ?1",
+                )
+                .map_err(backend)?;
+            let names = stmt
+                .query_map(params![limit], |r| r.get(0))
+                .map_err(backend)?;
+            names.collect::<Result<Vec<String>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn revive_run(&self, name: &str, now_us: i64) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE queue SET dead = 0, attempts = 0, not_before_us = ?2,
+                       held_until_us = 0, submitted_us = ?2
+                     WHERE name = ?1 AND dead = 1",
+                    params![name, now_us],
+                )
+                .map_err(backend)?;
+            Ok(changed == 1)
         })
         .await
     }

@@ -30,6 +30,20 @@ pub struct Metrics {
     records_dropped: IntCounter,
     records_pending: IntGauge,
     record_write_failures: IntCounter,
+    /// The async runs' series.
+    pub queue: QueueMetrics,
+}
+
+/// Async runs (`queue/`): what was accepted, tried again, given up, and how long runs take
+/// from their 202 to their end.
+pub struct QueueMetrics {
+    pub submitted: IntCounter,
+    pub finished: IntCounterVec,
+    pub retries: IntCounter,
+    pub dead_lettered: IntCounter,
+    pub callback_failures: IntCounter,
+    pub in_flight: IntGauge,
+    pub run_seconds: Histogram,
 }
 
 /// Why the gateway turned a call away before it reached a function.
@@ -51,6 +65,10 @@ impl Rejection {
             Rejection::TooLarge => "body_too_large",
         }
     }
+}
+
+fn simple_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -168,6 +186,55 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            queue: QueueMetrics {
+                submitted: simple_counter(
+                    &registry,
+                    "dispatch_queue_submitted_total",
+                    "Async runs accepted (written to the queue before their 202)",
+                ),
+                finished: counter(
+                    "dispatch_queue_finished_total",
+                    "Async runs that ended, by status (READY or ERROR)",
+                    &["status"],
+                ),
+                retries: simple_counter(
+                    &registry,
+                    "dispatch_queue_retries_total",
+                    "Async run attempts that failed and were put back for another",
+                ),
+                dead_lettered: simple_counter(
+                    &registry,
+                    "dispatch_queue_dead_lettered_total",
+                    "Async runs that ended ERROR and went to the dead letters",
+                ),
+                callback_failures: simple_counter(
+                    &registry,
+                    "dispatch_queue_callback_failures_total",
+                    "X-Callback-Url deliveries that failed after every attempt",
+                ),
+                in_flight: register(
+                    &registry,
+                    IntGauge::new(
+                        "dispatch_queue_in_flight",
+                        "Async runs this gateway's workers are running now",
+                    )
+                    .expect("valid metric"),
+                ),
+                run_seconds: register(
+                    &registry,
+                    Histogram::with_opts(
+                        HistogramOpts::new(
+                            "dispatch_queue_run_seconds",
+                            "Time from an async run's acceptance to its end, retries included",
+                        )
+                        .buckets(vec![
+                            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                            60.0, 300.0, 3600.0,
+                        ]),
+                    )
+                    .expect("valid metric"),
+                ),
+            },
             registry,
         }
     }

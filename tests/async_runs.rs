@@ -303,6 +303,14 @@ async fn runs_that_end_in_error_wait_with_the_dead_letters_and_can_be_sent_again
         json!([])
     );
 
+    let m = gw.metrics().await;
+    assert_eq!(m.value("dispatch_queue_submitted_total", &[]), 1.0);
+    assert_eq!(m.value("dispatch_queue_retries_total", &[]), 1.0);
+    assert_eq!(m.value("dispatch_queue_dead_lettered_total", &[]), 1.0);
+    assert_eq!(
+        m.value("dispatch_queue_finished_total", &[("status", "ERROR")]),
+        1.0
+    );
     // The CLI lists it...
     let port = gw.addr.port().to_string();
     let (code, out) = cli(&["get", "runs", "--dead", "-o", "json", "--port", &port]).await;
@@ -319,6 +327,13 @@ async fn runs_that_end_in_error_wait_with_the_dead_letters_and_can_be_sent_again
     assert_eq!(run["output"]["greeting"], "Hello, Hodor");
     assert_eq!(up.stats.requests(), 1);
     assert_eq!(gw.get("/v1/runs?dead=true").await.json(), json!([]));
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value("dispatch_queue_finished_total", &[("status", "READY")]),
+        1.0
+    );
+    assert_eq!(m.value("dispatch_queue_run_seconds_count", &[]), 2.0);
+    assert_eq!(m.value("dispatch_queue_in_flight", &[]), 0.0);
 
     // Only dead runs go again.
     let reply = gw

@@ -89,6 +89,7 @@ pub async fn submit(
         submitted_us: now_us,
     };
     app.store.enqueue_run(&run, &queued).await?;
+    app.metrics.queue.submitted.inc();
     app.queue_wake.notify_one();
     Ok(run)
 }
@@ -135,7 +136,10 @@ pub async fn work(app: Arc<App>) {
             };
             let app = app.clone();
             tokio::spawn(async move {
+                let in_flight = &app.metrics.queue.in_flight;
+                in_flight.inc();
                 run_queued(&app, queued).await;
+                in_flight.dec();
                 drop(permit);
             });
         }
@@ -240,6 +244,7 @@ async fn run_queued(app: &App, queued: QueuedRun) {
             delay.as_millis()
         )];
         tracing::info!(run = %queued.name, attempt = queued.attempts, delay_ms = delay.as_millis() as u64, "queue: run will be tried again");
+        app.metrics.queue.retries.inc();
         if let Err(e) = app.store.put_runs(std::slice::from_ref(&run)).await {
             tracing::warn!(run = %queued.name, error = %e, "queue: retry not recorded");
         }
@@ -271,8 +276,16 @@ async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<ca
         tracing::warn!(run = %queued.name, error = %e, "queue: outcome not recorded; the run will be taken again");
         return;
     }
+    let metrics = &app.metrics.queue;
+    metrics
+        .finished
+        .with_label_values(&[run.status.as_str()])
+        .inc();
+    let since_submitted = (unix_us() - queued.submitted_us).max(0) as f64 / 1e6;
+    metrics.run_seconds.observe(since_submitted);
     // A run that ended ERROR goes to the dead letters, from where it can be sent again.
     let left = if run.status == Status::Error {
+        metrics.dead_lettered.inc();
         app.store.bury_run(&queued.name).await
     } else {
         app.store.dequeue_run(&queued.name).await
@@ -285,8 +298,10 @@ async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<ca
     };
     let store = app.store.clone();
     let attempts = app.config.queue.callback_attempts;
+    let failures = metrics.callback_failures.clone();
     tokio::spawn(async move {
         if let Err(why) = callback::deliver(&callback, &run, attempts).await {
+            failures.inc();
             tracing::warn!(run = %run.name, error = %why, "queue: callback failed");
             run.reason.push(why);
             if let Err(e) = store.put_runs(std::slice::from_ref(&run)).await {

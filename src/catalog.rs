@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::config::RuntimesConfig;
 use crate::error::Error;
-use crate::model::{BaseImage, Image, Runtime, Secret, Status};
+use crate::model::{BaseImage, Image, Runtime, Secret, Status, Subscription};
 use crate::store::{CatalogKind, Change, Store, StoreError};
 
 pub struct Catalog {
@@ -20,6 +20,7 @@ pub struct Catalog {
     images: DashMap<String, Image>,
     /// Shared, so a run takes its values without copying the whole secret under the lock.
     secrets: DashMap<String, Arc<Secret>>,
+    subscriptions: DashMap<String, Subscription>,
     /// Where the runtimes' interpreters are, for an image's status.
     runtimes: RuntimesConfig,
 }
@@ -30,17 +31,29 @@ impl Catalog {
             base_images: DashMap::new(),
             images: DashMap::new(),
             secrets: DashMap::new(),
+            subscriptions: DashMap::new(),
             runtimes,
         }
     }
 
     /// Reads everything from the store, replacing what the catalog held.
     pub async fn load(&self, store: &dyn Store) -> Result<(), StoreError> {
-        let (bases, images, secrets) = (
+        let (bases, images, secrets, subscriptions) = (
             store.list_base_images().await?,
             store.list_images().await?,
             store.list_secrets().await?,
+            store.list_subscriptions().await?,
         );
+        let subscription_names = subscriptions
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<std::collections::HashSet<String>>();
+        self.subscriptions
+            .retain(|name, _| subscription_names.contains(name));
+        for subscription in subscriptions {
+            self.subscriptions
+                .insert(subscription.name.clone(), subscription);
+        }
         let keep = |names: Vec<&String>| {
             names
                 .into_iter()
@@ -215,6 +228,40 @@ impl Catalog {
         Ok(values)
     }
 
+    // --- subscriptions -----------------------------------------------------------------
+
+    pub fn subscription(&self, name: &str) -> Option<Subscription> {
+        self.subscriptions.get(name).map(|s| s.clone())
+    }
+
+    /// Every subscription, by name.
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        let mut all: Vec<Subscription> = self.subscriptions.iter().map(|s| s.clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// The subscriptions an event of `event_type` starts runs for, by name.
+    pub fn subscribed_to(&self, event_type: &str) -> Vec<Subscription> {
+        let mut all: Vec<Subscription> = self
+            .subscriptions
+            .iter()
+            .filter(|s| s.takes(event_type))
+            .map(|s| s.clone())
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn put_subscription(&self, subscription: Subscription) {
+        self.subscriptions
+            .insert(subscription.name.clone(), subscription);
+    }
+
+    pub fn remove_subscription(&self, name: &str) -> Option<Subscription> {
+        self.subscriptions.remove(name).map(|(_, s)| s)
+    }
+
     // --- following other gateways ------------------------------------------------------
 
     /// Keeps the catalog in step with a store that other gateways share: each change is
@@ -271,6 +318,12 @@ impl Catalog {
                 Some(secret) => self.put_secret(secret),
                 None => {
                     self.remove_secret(name);
+                }
+            },
+            CatalogKind::Subscription => match store.get_subscription(name).await? {
+                Some(subscription) => self.put_subscription(subscription),
+                None => {
+                    self.remove_subscription(name);
                 }
             },
         }

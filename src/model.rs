@@ -655,3 +655,75 @@ mod tests {
         assert!(shown.get("source").is_none());
     }
 }
+
+/// A subscription (Dispatch's event manager): events of `eventType` start async runs of
+/// `function`, with the event's data as input. `eventType` `*` takes every event.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subscription {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "subscription_kind")]
+    pub kind: String,
+    #[serde(default, alias = "event-type")]
+    pub event_type: String,
+    /// Where the events come from (`*`: anywhere), as Dispatch's drivers named it.
+    #[serde(default = "any_source", alias = "source-type")]
+    pub source_type: String,
+    #[serde(default)]
+    pub function: String,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub created_time: i64,
+    #[serde(default)]
+    pub modified_time: i64,
+}
+
+fn subscription_kind() -> String {
+    "Subscription".to_string()
+}
+
+fn any_source() -> String {
+    "*".to_string()
+}
+
+impl Subscription {
+    /// Checks what a client sent, naming the first bad field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let word = |s: &str, extra: &[char]| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(&c)
+                })
+        };
+        if !word(&self.name, &[]) {
+            return Err(Error::BadRequest(format!(
+                "name: \"{}\" must be 1 to 128 letters, digits, '-' or '_'",
+                self.name
+            )));
+        }
+        if !word(&self.event_type, &['.', '*']) {
+            return Err(Error::BadRequest(format!(
+                "eventType: \"{}\" must be 1 to 128 letters, digits, '-', '_', '.' (or '*' for any)",
+                self.event_type
+            )));
+        }
+        if self.function.is_empty() {
+            return Err(Error::BadRequest("function: required".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether an event of `event_type` is for this subscription.
+    pub fn takes(&self, event_type: &str) -> bool {
+        self.event_type == "*" || self.event_type == event_type
+    }
+}

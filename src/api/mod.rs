@@ -2,6 +2,7 @@
 //! handler. `/function/*` goes straight to the invoker; `/v1/*` is the Dispatch API;
 //! `/healthz`, `/readyz` and `/metrics` are for operators.
 
+mod events;
 mod functions;
 mod health;
 mod images;
@@ -89,6 +90,15 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
             Method::GET => secrets::list(&app, uri.query()),
             _ => Err(not_allowed(&method, path, "GET, POST")),
         },
+        "/v1/event" | "/v1/event/" => match method {
+            Method::POST => events::emit(&app, req).await,
+            _ => Err(not_allowed(&method, path, "POST")),
+        },
+        "/v1/event/subscriptions" | "/v1/event/subscriptions/" => match method {
+            Method::POST => events::create(&app, req).await,
+            Method::GET => events::list(&app, uri.query()),
+            _ => Err(not_allowed(&method, path, "GET, POST")),
+        },
         "/v1/runs" | "/v1/runs/" => match method {
             Method::POST => runs::create(&app, req, uri.query()).await,
             Method::GET => runs::list(&app, uri.query()).await,
@@ -99,6 +109,13 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
                 match method {
                     Method::POST => runs::submit_raw(&app, name, req).await,
                     _ => Err(not_allowed(&method, path, "POST")),
+                }
+            } else if let Some(name) = path.strip_prefix("/v1/event/subscriptions/") {
+                match method {
+                    Method::GET => events::get(&app, name),
+                    Method::PUT => events::update(&app, name, req).await,
+                    Method::DELETE => events::delete(&app, name).await,
+                    _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
                 }
             } else if let Some(name) = path.strip_prefix("/v1/function/") {
                 match method {

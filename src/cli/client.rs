@@ -134,6 +134,17 @@ enum CreateWhat {
         #[arg(long)]
         language: String,
     },
+    /// Create a subscription: events of a type start async runs of a function.
+    Subscription {
+        name: String,
+        function: String,
+        /// The event type (e.g. user.created; * for every event).
+        #[arg(long)]
+        event_type: String,
+        /// A secret the runs get (repeatable).
+        #[arg(long = "secret")]
+        secrets: Vec<String>,
+    },
     /// Create an API endpoint that runs a function.
     Api {
         name: String,
@@ -236,6 +247,20 @@ pub struct ExecArgs {
     /// A secret to pass to this run (repeatable).
     #[arg(long = "secret")]
     secrets: Vec<String>,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EmitArgs {
+    /// The event type, e.g. user.created.
+    event_type: String,
+    /// The event's data, as JSON.
+    #[arg(long)]
+    payload: Option<String>,
+    /// Where the event comes from (its source-type).
+    #[arg(long, default_value = "dispatch")]
+    source: String,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -556,6 +581,15 @@ fn object_of(what: &CreateWhat) -> Result<(Kind, Value), CliError> {
             }
             (Kind::Secret, json!({"name": name, "secrets": secrets}))
         }
+        CreateWhat::Subscription {
+            name,
+            function,
+            event_type,
+            secrets,
+        } => (
+            Kind::Subscription,
+            json!({"name": name, "function": function, "eventType": event_type, "secrets": secrets}),
+        ),
         CreateWhat::Image { name, base_image } => (
             Kind::Image,
             json!({"name": name, "baseImageName": base_image}),
@@ -847,6 +881,30 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         let path = format!("/v1/runs?functionName={}", encode_segment(&args.name));
         let run = client.call(Method::POST, &path, Some(&body))?.json()?;
         println!("{}", pretty(&run));
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `dispatch emit TYPE --payload JSON`: emits an event (`POST /v1/event/`); every function
+/// subscribed to the type gets an async run. Prints the emission, with the runs started.
+pub fn emit(args: EmitArgs) -> ExitCode {
+    run(&args.conn, |client| {
+        let data: Value = match &args.payload {
+            None => Value::Null,
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| CliError::Usage(format!("--payload: not JSON: {e}")))?,
+        };
+        let body = json!({"event": {
+            "event-type": args.event_type,
+            "source-type": args.source,
+            "cloud-events-version": "0.1",
+            "content-type": "application/json",
+            "data": data,
+        }});
+        let emitted = client
+            .call(Method::POST, "/v1/event/", Some(&body))?
+            .json()?;
+        println!("{}", pretty(&emitted));
         Ok(ExitCode::SUCCESS)
     })
 }

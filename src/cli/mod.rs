@@ -40,6 +40,8 @@ enum Command {
     Delete(client::DeleteArgs),
     /// Send an async run that ended ERROR again, from the dead letters.
     Retry(client::RetryArgs),
+    /// Emit an event: every function subscribed to its type gets an async run.
+    Emit(client::EmitArgs),
 }
 
 #[derive(Args)]
@@ -67,6 +69,7 @@ pub fn main() -> ExitCode {
         Command::Exec(args) => client::exec(args),
         Command::Delete(args) => client::delete(args),
         Command::Retry(args) => client::retry(args),
+        Command::Emit(args) => client::emit(args),
     }
 }
 

@@ -485,6 +485,8 @@ impl Invoker {
             }
         }
         run.input = request.input;
+        run.event = request.event;
+        run.http_context = request.http_context;
         run.finished_time = unix_now();
         match &run.error {
             None => run.status = Status::Ready,

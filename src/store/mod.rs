@@ -9,7 +9,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::error::Error;
-use crate::model::{BaseImage, Function, Image, Run, Secret, Status};
+use crate::model::{BaseImage, Function, Image, Run, Secret, Status, Subscription};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -96,6 +96,15 @@ pub trait Store: Send + Sync {
     async fn update_secret(&self, secret: &Secret) -> Result<(), StoreError>;
     /// Removes a secret; `NotFound` if there is none by that name.
     async fn delete_secret(&self, name: &str) -> Result<(), StoreError>;
+
+    async fn list_subscriptions(&self) -> Result<Vec<Subscription>, StoreError>;
+    async fn get_subscription(&self, name: &str) -> Result<Option<Subscription>, StoreError>;
+    /// `Conflict` if the name is taken.
+    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError>;
+    /// `NotFound` if there is no such subscription.
+    async fn update_subscription(&self, subscription: &Subscription) -> Result<(), StoreError>;
+    /// `NotFound` if there is no such subscription.
+    async fn delete_subscription(&self, name: &str) -> Result<(), StoreError>;
     /// Changes to base images, images and secrets made by anyone sharing this store, as
     /// `Changed("<kind>:<name>")` with kind `baseimage`, `image` or `secret` (see
     /// [`CatalogKind`]); `None` when nobody else can share it (SQLite).
@@ -192,6 +201,7 @@ pub enum CatalogKind {
     BaseImage,
     Image,
     Secret,
+    Subscription,
 }
 
 impl CatalogKind {
@@ -201,6 +211,7 @@ impl CatalogKind {
             CatalogKind::BaseImage => "base_images",
             CatalogKind::Image => "images",
             CatalogKind::Secret => "secrets",
+            CatalogKind::Subscription => "subscriptions",
         }
     }
 
@@ -209,6 +220,7 @@ impl CatalogKind {
             CatalogKind::BaseImage => "baseimage",
             CatalogKind::Image => "image",
             CatalogKind::Secret => "secret",
+            CatalogKind::Subscription => "subscription",
         }
     }
 
@@ -218,6 +230,7 @@ impl CatalogKind {
             CatalogKind::BaseImage => "base image",
             CatalogKind::Image => "image",
             CatalogKind::Secret => "secret",
+            CatalogKind::Subscription => "subscription",
         }
     }
 
@@ -228,6 +241,7 @@ impl CatalogKind {
             CatalogKind::BaseImage,
             CatalogKind::Image,
             CatalogKind::Secret,
+            CatalogKind::Subscription,
         ]
         .into_iter()
         .find(|k| k.prefix() == prefix)?;

@@ -24,7 +24,7 @@ use super::{
     run_started_us, tag_pattern, tags_key,
 };
 use crate::error::error_chain as chain;
-use crate::model::{BaseImage, Function, Image, Run, Secret};
+use crate::model::{BaseImage, Function, Image, Run, Secret, Subscription};
 
 /// Schema versions, in order; `schema_migrations` holds the versions that have run.
 /// Names compare byte by byte (`COLLATE "C"`), as SQLite's do, so runs list in the same
@@ -92,6 +92,9 @@ const MIGRATIONS: &[&str] = &[
         dead BOOLEAN NOT NULL DEFAULT false
     );
     CREATE INDEX queue_due ON queue (not_before_us);"#,
+    r#"CREATE TABLE subscriptions (name TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE TRIGGER subscription_changed AFTER INSERT OR UPDATE OR DELETE ON subscriptions
+        FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('subscription');"#,
 ];
 
 /// The advisory lock that serializes migrations between gateways: "dispatch" in ASCII.
@@ -765,6 +768,28 @@ impl Store for PostgresStore {
 
     async fn delete_secret(&self, name: &str) -> Result<(), StoreError> {
         self.doc_delete(CatalogKind::Secret, name).await
+    }
+
+    async fn list_subscriptions(&self) -> Result<Vec<Subscription>, StoreError> {
+        self.doc_list(CatalogKind::Subscription).await
+    }
+
+    async fn get_subscription(&self, name: &str) -> Result<Option<Subscription>, StoreError> {
+        self.doc_get(CatalogKind::Subscription, name).await
+    }
+
+    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::Subscription, &subscription.name, subscription)
+            .await
+    }
+
+    async fn update_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
+        self.doc_update(CatalogKind::Subscription, &subscription.name, subscription)
+            .await
+    }
+
+    async fn delete_subscription(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::Subscription, name).await
     }
 
     async fn prune_runs(

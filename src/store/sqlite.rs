@@ -15,7 +15,7 @@ use super::{
     CatalogKind, Claim, QueuedRun, RunQuery, Store, StoreError, run_started_us, tag_pattern,
     tags_key,
 };
-use crate::model::{BaseImage, Function, Image, Run, Secret};
+use crate::model::{BaseImage, Function, Image, Run, Secret, Subscription};
 
 /// Schema versions, in order; `PRAGMA user_version` says how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -59,6 +59,7 @@ const MIGRATIONS: &[&str] = &[
         dead INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX queue_due ON queue (not_before_us);",
+    "CREATE TABLE subscriptions (name TEXT PRIMARY KEY, spec TEXT NOT NULL);",
 ];
 
 #[derive(Clone)]
@@ -712,6 +713,28 @@ impl Store for SqliteStore {
 
     async fn delete_secret(&self, name: &str) -> Result<(), StoreError> {
         self.doc_delete(CatalogKind::Secret, name).await
+    }
+
+    async fn list_subscriptions(&self) -> Result<Vec<Subscription>, StoreError> {
+        self.doc_list(CatalogKind::Subscription).await
+    }
+
+    async fn get_subscription(&self, name: &str) -> Result<Option<Subscription>, StoreError> {
+        self.doc_get(CatalogKind::Subscription, name).await
+    }
+
+    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
+        self.doc_create(CatalogKind::Subscription, &subscription.name, subscription)
+            .await
+    }
+
+    async fn update_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
+        self.doc_update(CatalogKind::Subscription, &subscription.name, subscription)
+            .await
+    }
+
+    async fn delete_subscription(&self, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(CatalogKind::Subscription, name).await
     }
 }
 

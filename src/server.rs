@@ -95,6 +95,7 @@ impl Server {
             supervisor.clone(),
         );
         let drain = Duration::from_secs(config.server.drain_seconds);
+        let submitter = crate::queue::Submitter::start(store.clone());
         let app = Arc::new(App {
             config: Arc::new(config),
             registry,
@@ -103,6 +104,7 @@ impl Server {
             metrics,
             supervisor,
             queue_wake: tokio::sync::Notify::new(),
+            submitter,
             accepting: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
         });

@@ -351,3 +351,57 @@ async fn runs_that_end_in_error_wait_with_the_dead_letters_and_can_be_sent_again
         .await
         .assert_error(400, "bad-request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_are_all_accepted_and_a_reused_call_id_is_409() {
+    let up = Upstream::start(Behavior::Envelope).await;
+    let gw = Gateway::start().await;
+    gw.register(&dispatch_fn("hello", up.addr)).await;
+    // Submitted at once: they share commits, and each gets its own answer.
+    let submits: Vec<_> = (0..64)
+        .map(|i| {
+            let addr = gw.addr;
+            tokio::spawn(async move {
+                let body = json!({"input": {"name": format!("n{i}")}}).to_string();
+                common::request(
+                    addr,
+                    http::Method::POST,
+                    "/v1/runs?functionName=hello",
+                    &[("content-type", "application/json")],
+                    body.into(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut names = Vec::new();
+    for submit in submits {
+        let reply = submit.await.unwrap();
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        names.push(reply.json()["name"].as_str().unwrap().to_string());
+    }
+    for name in &names {
+        assert_eq!(
+            finished(&gw, name, Duration::from_secs(20)).await["status"],
+            "READY"
+        );
+    }
+    assert_eq!(up.stats.requests(), 64);
+
+    // A caller's X-Call-Id names the run; used again, it is refused rather than run twice.
+    let id = "0199aa00-0000-7000-8000-000000000001";
+    let headers = [("x-call-id", id)];
+    let send = || {
+        common::request(
+            gw.addr,
+            http::Method::POST,
+            "/async-function/hello",
+            &headers,
+            bytes::Bytes::from_static(b"{}"),
+        )
+    };
+    let first = send().await;
+    assert_eq!(first.status, 202, "{}", first.text());
+    assert_eq!(first.header("x-call-id"), Some(id));
+    send().await.assert_error(409, "conflict");
+}

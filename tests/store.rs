@@ -693,13 +693,30 @@ async fn queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_e
         run("f", 1_000, Status::Initialized, &[]),
         run("f", 2_000, Status::Initialized, &[]),
     );
-    store.enqueue_run(&a, &queued(&a, 1_000)).await.unwrap();
-    store.enqueue_run(&b, &queued(&b, 5_000)).await.unwrap();
+    // Accepted together, in one transaction.
+    store
+        .enqueue_runs(&[
+            (a.clone(), queued(&a, 1_000)),
+            (b.clone(), queued(&b, 5_000)),
+        ])
+        .await
+        .unwrap();
     // The record is there at once, INITIALIZED.
     let stored = store.get_run(&a.name).await.unwrap().expect("record of a");
     assert_eq!(stored.status, Status::Initialized);
-    // The same run accepted twice is refused: it would run twice.
-    assert!(store.enqueue_run(&a, &queued(&a, 1_000)).await.is_err());
+    // The same run accepted twice is refused: it would run twice. With it, a batch is
+    // refused whole: the new run in it is not accepted either.
+    let c = run("f", 3_000, Status::Initialized, &[]);
+    assert!(
+        store
+            .enqueue_runs(&[
+                (c.clone(), queued(&c, 3_000)),
+                (a.clone(), queued(&a, 1_000))
+            ])
+            .await
+            .is_err()
+    );
+    assert!(store.get_run(&c.name).await.unwrap().is_none());
 
     // At 2_000 only `a` is due; taken, it is held until 10_000.
     let taken = store.take_queued(2_000, 10_000, 10).await.unwrap();

@@ -38,6 +38,8 @@ pub struct App {
     pub supervisor: Arc<Supervisor>,
     /// Wakes this gateway's queue workers when a run is submitted here.
     pub queue_wake: tokio::sync::Notify,
+    /// Writes submitted async runs, a batch per commit.
+    pub submitter: crate::queue::Submitter,
     /// True while the listener accepts connections (for `/readyz`).
     pub accepting: AtomicBool,
     /// Serializes the control API's writes (store, then registry), so that a PUT and a

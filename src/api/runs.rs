@@ -127,13 +127,20 @@ pub async fn submit_raw(
                 .map_err(Error::BadRequest)?,
         ),
     };
-    let run_name = req
+    let given = req
         .headers()
         .get("x-call-id")
         .and_then(|v| v.to_str().ok())
         .filter(|id| uuid::Uuid::parse_str(id).is_ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| crate::model::new_run_name().to_string());
+        .map(str::to_string);
+    if let Some(id) = &given
+        && app.store.get_run(id).await?.is_some()
+    {
+        return Err(Error::Conflict(format!(
+            "X-Call-Id: run \"{id}\" exists already; send a new id to run again"
+        )));
+    }
+    let run_name = given.unwrap_or_else(|| crate::model::new_run_name().to_string());
     let method = req.method().to_string();
     let body = read_body(req, app.config.limits.body_bytes).await?;
     let input = serde_json::from_slice(&body)

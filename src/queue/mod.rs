@@ -22,7 +22,7 @@ use crate::api::App;
 use crate::config::QueueConfig;
 use crate::error::Error;
 use crate::model::{CallFacts, Run, RunError, RunErrorType, RunRequest, Status, unix_now};
-use crate::store::QueuedRun;
+use crate::store::{QueuedRun, Store, StoreError};
 
 /// What a queued run carries: the run request, as the client sent it, and where its
 /// answer goes when it ends.
@@ -38,6 +38,76 @@ fn unix_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// Writes submitted runs to the store in batches: a submit waits for the next commit, and
+/// runs submitted while a commit is under way share the one after it (group commit), so a
+/// burst costs a commit per batch, not per run.
+pub struct Submitter {
+    tx: tokio::sync::mpsc::Sender<Submission>,
+}
+
+struct Submission {
+    run: Run,
+    queued: QueuedRun,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Runs written per transaction, at most.
+const SUBMIT_BATCH: usize = 256;
+
+impl Submitter {
+    pub fn start(store: Arc<dyn Store>) -> Submitter {
+        let (tx, rx) = tokio::sync::mpsc::channel(4 * SUBMIT_BATCH);
+        tokio::spawn(write_submissions(store, rx));
+        Submitter { tx }
+    }
+
+    /// Returns once the run is in the store (or could not be written).
+    async fn accept(&self, run: Run, queued: QueuedRun) -> Result<(), Error> {
+        let (done, written) = tokio::sync::oneshot::channel();
+        let stopped = || Error::Store("the queue writer has stopped".into());
+        self.tx
+            .send(Submission { run, queued, done })
+            .await
+            .map_err(|_| stopped())?;
+        written.await.map_err(|_| stopped())?.map_err(Error::from)
+    }
+}
+
+async fn write_submissions(store: Arc<dyn Store>, mut rx: tokio::sync::mpsc::Receiver<Submission>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < SUBMIT_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let (runs, replies): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|s| ((s.run, s.queued), s.done))
+            .unzip();
+        match store.enqueue_runs(&runs).await {
+            Ok(()) => {
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            // One bad run (a caller's X-Call-Id used twice) must not fail the others:
+            // each goes again on its own and gets its own answer.
+            Err(_) if runs.len() > 1 => {
+                for (run, reply) in runs.iter().zip(replies) {
+                    let _ = reply.send(store.enqueue_runs(std::slice::from_ref(run)).await);
+                }
+            }
+            Err(e) => {
+                if let Some(reply) = replies.into_iter().next() {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
 }
 
 /// Accepts an async run of function `name`: 404 for a function that does not exist or is
@@ -88,7 +158,7 @@ pub async fn submit(
         not_before_us: now_us,
         submitted_us: now_us,
     };
-    app.store.enqueue_run(&run, &queued).await?;
+    app.submitter.accept(run.clone(), queued).await?;
     app.metrics.queue.submitted.inc();
     app.queue_wake.notify_one();
     Ok(run)

@@ -112,10 +112,11 @@ pub trait Store: Send + Sync {
         None
     }
 
-    /// Accepts an async run for the embedded queue: its record (INITIALIZED) and its place
-    /// in the queue, in one transaction, so an accepted run is never lost and never queued
-    /// without a record.
-    async fn enqueue_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError>;
+    /// Accepts async runs for the embedded queue: each one's record (INITIALIZED) and its
+    /// place in the queue, all in one transaction (all or none), so an accepted run is
+    /// never lost and never queued without a record. A name already queued or recorded
+    /// fails the whole batch.
+    async fn enqueue_runs(&self, runs: &[(Run, QueuedRun)]) -> Result<(), StoreError>;
 
     /// Takes up to `limit` queued runs due by `now_us` that nobody holds (or whose holder's
     /// hold ended: a gateway that died), holding them until `hold_until_us`. Each taken

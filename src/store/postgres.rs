@@ -493,38 +493,53 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn enqueue_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError> {
-        let record = serde_json::to_string(run).map_err(backend)?;
+    async fn enqueue_runs(&self, runs: &[(Run, QueuedRun)]) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
-        tx.execute(
-            "INSERT INTO runs (name, function_name, status, started_us, tags, record)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &run.name,
-                &run.function_name,
-                &run.status.as_str(),
-                &run_started_us(run),
-                &tags_key(run),
+        let record = tx
+            .prepare_cached(
+                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await
+            .map_err(pg)?;
+        let queue = tx
+            .prepare_cached(
+                "INSERT INTO queue (name, function_name, job, attempts, not_before_us, submitted_us)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await
+            .map_err(pg)?;
+        // One commit for the batch: what a submit costs is mostly that commit.
+        for (run, queued) in runs {
+            let json = serde_json::to_string(run).map_err(backend)?;
+            tx.execute(
                 &record,
-            ],
-        )
-        .await
-        .map_err(pg)?;
-        tx.execute(
-            "INSERT INTO queue (name, function_name, job, attempts, not_before_us, submitted_us)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &queued.name,
-                &queued.function_name,
-                &queued.job,
-                &(queued.attempts as i32),
-                &queued.not_before_us,
-                &queued.submitted_us,
-            ],
-        )
-        .await
-        .map_err(pg)?;
+                &[
+                    &run.name,
+                    &run.function_name,
+                    &run.status.as_str(),
+                    &run_started_us(run),
+                    &tags_key(run),
+                    &json,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+            tx.execute(
+                &queue,
+                &[
+                    &queued.name,
+                    &queued.function_name,
+                    &queued.job,
+                    &(queued.attempts as i32),
+                    &queued.not_before_us,
+                    &queued.submitted_us,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        }
         tx.commit().await.map_err(pg)
     }
 

@@ -455,30 +455,53 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn enqueue_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError> {
-        let record = serde_json::to_string(run).map_err(backend)?;
-        let (name, function, status, started, tags) = (
-            run.name.clone(),
-            run.function_name.clone(),
-            run.status.as_str(),
-            run_started_us(run),
-            tags_key(run),
-        );
-        let q = queued.clone();
+    async fn enqueue_runs(&self, runs: &[(Run, QueuedRun)]) -> Result<(), StoreError> {
+        let rows = runs
+            .iter()
+            .map(|(run, queued)| {
+                Ok((
+                    run.name.clone(),
+                    run.function_name.clone(),
+                    run.status.as_str(),
+                    run_started_us(run),
+                    tags_key(run),
+                    serde_json::to_string(run).map_err(backend)?,
+                    queued.clone(),
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         self.with(move |conn| {
             let tx = conn.unchecked_transaction().map_err(backend)?;
-            tx.execute(
-                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![name, function, status, started, tags, record],
-            )
-            .map_err(backend)?;
-            tx.execute(
-                "INSERT INTO queue (name, function_name, job, attempts, not_before_us, submitted_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![q.name, q.function_name, q.job, q.attempts, q.not_before_us, q.submitted_us],
-            )
-            .map_err(backend)?;
+            {
+                let mut record = tx
+                    .prepare_cached(
+                        "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(backend)?;
+                let mut queue = tx
+                    .prepare_cached(
+                        "INSERT INTO queue (name, function_name, job, attempts, not_before_us,
+                                            submitted_us)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(backend)?;
+                for (name, function, status, started, tags, json, q) in &rows {
+                    record
+                        .execute(params![name, function, status, started, tags, json])
+                        .map_err(backend)?;
+                    queue
+                        .execute(params![
+                            q.name,
+                            q.function_name,
+                            q.job,
+                            q.attempts,
+                            q.not_before_us,
+                            q.submitted_us
+                        ])
+                        .map_err(backend)?;
+                }
+            }
             tx.commit().map_err(backend)
         })
         .await

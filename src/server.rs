@@ -105,6 +105,7 @@ impl Server {
             supervisor,
             queue_wake: tokio::sync::Notify::new(),
             submitter,
+            queue_running: dashmap::DashSet::new(),
             accepting: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
         });
@@ -184,6 +185,9 @@ impl Server {
             () = graceful.shutdown() => tracing::info!("drained"),
             () = tokio::time::sleep(drain) => tracing::warn!("drain period over; cutting the calls still in flight"),
         }
+        // Async runs still running here go back to the queue now, for another gateway (or
+        // this one's next start) to take at once, rather than after their hold.
+        crate::queue::release(&app).await;
         writer.flush_and_stop().await;
         tracing::info!("run records flushed");
     }

@@ -405,3 +405,29 @@ async fn concurrent_submits_are_all_accepted_and_a_reused_call_id_is_409() {
     assert_eq!(first.header("x-call-id"), Some(id));
     send().await.assert_error(409, "conflict");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cut_by_a_shutdown_goes_back_to_the_queue_at_once() {
+    let gate = common::Gate::default();
+    let up = Upstream::start(Behavior::Gated(gate.clone())).await;
+    // The hold is long (the default, 300 s): only giving the run back makes it run again soon.
+    let mut gw = Gateway::start_with(&[("DISPATCH_SERVER_DRAIN_SECONDS", "1")]).await;
+    gw.register(&function("gated", &[up.addr], json!({"timeout": 20000})))
+        .await;
+    let accepted = submit(&gw, "gated", json!({})).await;
+    let name = accepted["name"].as_str().unwrap().to_string();
+    common::eventually(
+        Duration::from_secs(10),
+        "the run to reach its function",
+        || up.stats.inflight() == 1,
+    )
+    .await;
+    gw.terminate();
+    let status = gw.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}");
+    gate.open();
+    gw.start_again().await;
+    let run = finished(&gw, &name, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert_eq!(run["output"], "gated");
+}

@@ -40,6 +40,8 @@ pub struct App {
     pub queue_wake: tokio::sync::Notify,
     /// Writes submitted async runs, a batch per commit.
     pub submitter: crate::queue::Submitter,
+    /// The async runs this gateway's workers are running, by name.
+    pub queue_running: dashmap::DashSet<String>,
     /// True while the listener accepts connections (for `/readyz`).
     pub accepting: AtomicBool,
     /// Serializes the control API's writes (store, then registry), so that a PUT and a

@@ -208,10 +208,28 @@ pub async fn work(app: Arc<App>) {
             tokio::spawn(async move {
                 let in_flight = &app.metrics.queue.in_flight;
                 in_flight.inc();
+                app.queue_running.insert(queued.name.clone());
+                let name = queued.name.clone();
                 run_queued(&app, queued).await;
+                app.queue_running.remove(&name);
                 in_flight.dec();
                 drop(permit);
             });
+        }
+    }
+}
+
+/// At shutdown, after the drain: the runs still running here go back to the queue, due
+/// now, so that another gateway (or this one's next start) takes them at once instead of
+/// after their hold. They may have reached their function: delivery is at least once.
+pub async fn release(app: &App) {
+    let names: Vec<String> = app.queue_running.iter().map(|n| n.clone()).collect();
+    for name in names {
+        match app.store.requeue_run(&name, unix_us()).await {
+            Ok(()) => tracing::info!(run = %name, "queue: run given back at shutdown"),
+            Err(e) => {
+                tracing::warn!(run = %name, error = %e, "queue: run not given back; taken again after its hold")
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::invoke::balance::Endpoint;
 use crate::invoke::limit::Limiter;
 use crate::invoke::pool::Pools;
 use crate::metrics::{FunctionMetrics, Metrics};
-use crate::model::{Function, Protocol, RecordMode};
+use crate::model::{Function, Protocol, RecordMode, Status};
 use crate::schema::Schema;
 use crate::store::{FunctionChange, Store};
 
@@ -81,7 +81,7 @@ impl Registry {
 
     /// Builds the entry for `function` without publishing it: what the control API calls
     /// before it writes the store, so a function that cannot be called is never stored.
-    pub fn prepare(&self, function: Function) -> Result<FunctionEntry, Error> {
+    pub fn prepare(&self, mut function: Function) -> Result<FunctionEntry, Error> {
         function.validate()?;
         let schema = function.schema.as_ref();
         let schema_in = Schema::compile("schema.in", schema.and_then(|s| s.input.as_ref()))?;
@@ -101,11 +101,17 @@ impl Registry {
                     .collect();
                 (endpoints, None, upstream.protocol)
             }
-            None => (
-                Box::default(),
-                Some(self.local_spec(&function)?),
-                Protocol::Dispatch,
-            ),
+            // A local function whose image is unknown (or not READY) is kept, ERROR with
+            // the reason, as Dispatch kept it: registering it again once the image is
+            // there makes it READY.
+            None => match self.local_spec(&function) {
+                Ok(spec) => (Box::default(), Some(spec), Protocol::Dispatch),
+                Err(e) => {
+                    function.status = Status::Error;
+                    function.reason = vec![e.to_string()];
+                    (Box::default(), None, Protocol::Dispatch)
+                }
+            },
         };
         let previous = self.get(&function.name);
         let metrics = match &previous {

@@ -206,11 +206,21 @@ async fn a_broken_function_is_error_with_the_reason() {
     );
     // Not READY: a run is refused.
     assert_eq!(gw.run("syntax", json!({})).await.status, 404);
-    // An image that does not exist.
+    // An image that does not exist: the function is kept, ERROR, saying so.
     let reply = gw
-        .post_json("/v1/function", &json!({"name": "x", "image": "cobol", "handler": "a.b", "source": source(&[("a.py", "")])}))
+        .post_json(
+            "/v1/function",
+            &json!({"name": "x", "image": "cobol", "handler": "a.b", "source": source(&[("a.py", "")])}),
+        )
         .await;
-    assert!(reply.assert_error(400, "bad-request").contains("image"));
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "ERROR");
+    assert!(
+        reply.json()["reason"].to_string().contains("cobol"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(gw.run("x", json!({})).await.status, 404);
 }
 
 const MISBEHAVING_PY: &str = r#"

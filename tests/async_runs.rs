@@ -431,3 +431,30 @@ async fn a_run_cut_by_a_shutdown_goes_back_to_the_queue_at_once() {
     assert_eq!(run["status"], "READY", "{run}");
     assert_eq!(run["output"], "gated");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_longer_than_its_hold_is_not_taken_twice() {
+    let up = Upstream::start(Behavior::Slow(Duration::from_millis(2500))).await;
+    // Held for 1 s at a time, looked for every 100 ms: without renewals its own worker loop
+    // would take it again while it runs.
+    let gw = Gateway::start_with(&[
+        ("DISPATCH_QUEUE_HOLD_SECONDS", "1"),
+        ("DISPATCH_QUEUE_POLL_MS", "100"),
+    ])
+    .await;
+    gw.register(&function("slow", &[up.addr], json!({"timeout": 10000})))
+        .await;
+    let accepted = submit(&gw, "slow", json!({})).await;
+    let run = finished(
+        &gw,
+        accepted["name"].as_str().unwrap(),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert_eq!(
+        up.stats.requests(),
+        1,
+        "the run went to its function more than once"
+    );
+}

@@ -742,8 +742,18 @@ async fn queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_e
     let again = store.take_queued(7_000, 20_000, 10).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempts, 2);
+    // A hold renewed (the run goes on) keeps it: not taken at 10_000.
+    store.hold_run(&b.name, 12_000).await.unwrap();
+    assert!(
+        store
+            .take_queued(10_000, 30_000, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|q| q.name != b.name)
+    );
     // `b`'s holder died: after its hold ends, it is taken again.
-    let retaken = store.take_queued(10_000, 30_000, 10).await.unwrap();
+    let retaken = store.take_queued(12_000, 30_000, 10).await.unwrap();
     assert_eq!(
         retaken.iter().map(|q| &q.name).collect::<Vec<_>>(),
         vec![&b.name]

@@ -283,15 +283,32 @@ async fn run_queued(app: &App, queued: QueuedRun) {
     if let Err(e) = app.store.put_runs(std::slice::from_ref(&creating)).await {
         tracing::warn!(run = %queued.name, error = %e, "queue: run not marked CREATING");
     }
-    let outcome = app
-        .invoker
-        .execute(
+    // The hold is renewed while the run goes on, so a run longer than `queue.hold_seconds`
+    // is not taken again by a worker that thinks its holder died.
+    let no_headers = HeaderMap::new();
+    let outcome = {
+        let run = app.invoker.execute(
             &queued.function_name,
             request.clone(),
-            &HeaderMap::new(),
+            &no_headers,
             queued.name.clone(),
-        )
-        .await;
+        );
+        tokio::pin!(run);
+        let hold = Duration::from_secs(config.hold_seconds);
+        let mut renew = tokio::time::interval(hold / 3);
+        renew.tick().await; // the first tick is now: the hold was just taken
+        loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                _ = renew.tick() => {
+                    let until = unix_us() + hold.as_micros() as i64;
+                    if let Err(e) = app.store.hold_run(&queued.name, until).await {
+                        tracing::warn!(run = %queued.name, error = %e, "queue: hold not renewed");
+                    }
+                }
+            }
+        }
+    };
     let (mut run, retryable) = match outcome {
         Ok(run) => {
             let code = run.call.as_ref().map(|c| c.http_status).unwrap_or(0);

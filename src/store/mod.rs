@@ -129,6 +129,9 @@ pub trait Store: Send + Sync {
         limit: u32,
     ) -> Result<Vec<QueuedRun>, StoreError>;
 
+    /// Holds a taken run longer (it is still running): nobody takes it before `until_us`.
+    async fn hold_run(&self, name: &str, until_us: i64) -> Result<(), StoreError>;
+
     /// Puts a taken run back in the queue, due at `not_before_us` (a retry after a backoff).
     async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError>;
 

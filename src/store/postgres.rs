@@ -575,6 +575,18 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    async fn hold_run(&self, name: &str, until_us: i64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE queue SET held_until_us = $2 WHERE name = $1",
+                &[&name, &until_us],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
     async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError> {
         let client = self.client().await?;
         client

@@ -540,6 +540,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn hold_run(&self, name: &str, until_us: i64) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE queue SET held_until_us = ?2 WHERE name = ?1",
+                params![name, until_us],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError> {
         let name = name.to_string();
         self.with(move |conn| {

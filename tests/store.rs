@@ -759,7 +759,14 @@ async fn queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_e
         vec![&b.name]
     );
     // Given up: with the dead letters, never taken; revived, taken again.
-    store.bury_run(&a.name).await.unwrap();
+    let mut failed = a.clone();
+    failed.status = Status::Error;
+    store.finish_queued(&failed, true).await.unwrap();
+    assert_eq!(
+        store.get_run(&a.name).await.unwrap().unwrap().status,
+        Status::Error,
+        "the record is written with the burial"
+    );
     assert!(
         store
             .take_queued(40_000, 50_000, 10)
@@ -780,8 +787,14 @@ async fn queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_e
     assert_eq!(revived.len(), 1);
     assert_eq!(revived[0].attempts, 1, "attempts start afresh");
     // Done: out of the queue for good.
-    store.dequeue_run(&a.name).await.unwrap();
-    store.dequeue_run(&b.name).await.unwrap();
+    let mut done = b.clone();
+    done.status = Status::Ready;
+    store.finish_queued(&a, false).await.unwrap();
+    store.finish_queued(&done, false).await.unwrap();
+    assert_eq!(
+        store.get_run(&b.name).await.unwrap().unwrap().status,
+        Status::Ready
+    );
     assert!(
         store
             .take_queued(i64::MAX / 2, i64::MAX / 2, 10)

@@ -371,12 +371,13 @@ async fn run_queued(app: &App, queued: QueuedRun) {
     finish(app, &queued, run, callback).await;
 }
 
-/// Records a run's outcome, then takes it out of the queue (READY) or keeps it with the
-/// dead letters (ERROR), then calls its callback (off the worker: a slow callback URL
-/// holds no worker). A crash between the first two runs it
-/// again, and the record, one per run name, is written again.
+/// Records a run's outcome and, in the same transaction, takes it out of the queue (READY)
+/// or keeps it with the dead letters (ERROR); then calls its callback (off the worker: a
+/// slow callback URL holds no worker).
 async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<callback::Callback>) {
-    if let Err(e) = app.store.put_runs(std::slice::from_ref(&run)).await {
+    // A run that ended ERROR goes to the dead letters, from where it can be sent again.
+    let dead = run.status == Status::Error;
+    if let Err(e) = app.store.finish_queued(&run, dead).await {
         // Left in the queue: taken again after its hold, and recorded then.
         tracing::warn!(run = %queued.name, error = %e, "queue: outcome not recorded; the run will be taken again");
         return;
@@ -388,15 +389,8 @@ async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<ca
         .inc();
     let since_submitted = (unix_us() - queued.submitted_us).max(0) as f64 / 1e6;
     metrics.run_seconds.observe(since_submitted);
-    // A run that ended ERROR goes to the dead letters, from where it can be sent again.
-    let left = if run.status == Status::Error {
+    if dead {
         metrics.dead_lettered.inc();
-        app.store.bury_run(&queued.name).await
-    } else {
-        app.store.dequeue_run(&queued.name).await
-    };
-    if let Err(e) = left {
-        tracing::warn!(run = %queued.name, error = %e, "queue: finished run left in the queue");
     }
     let Some(callback) = callback else {
         return;

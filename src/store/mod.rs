@@ -135,12 +135,10 @@ pub trait Store: Send + Sync {
     /// Puts a taken run back in the queue, due at `not_before_us` (a retry after a backoff).
     async fn requeue_run(&self, name: &str, not_before_us: i64) -> Result<(), StoreError>;
 
-    /// Takes a run out of the queue: it finished.
-    async fn dequeue_run(&self, name: &str) -> Result<(), StoreError>;
-
-    /// Keeps a run that was given up aside as dead (the dead-letter queue): never taken
-    /// again unless revived.
-    async fn bury_run(&self, name: &str) -> Result<(), StoreError>;
+    /// A queued run's end in one transaction: its record written (or rewritten), and the
+    /// run out of the queue, or kept aside with the dead letters when `dead` (never taken
+    /// again unless revived).
+    async fn finish_queued(&self, run: &Run, dead: bool) -> Result<(), StoreError>;
 
     /// The dead runs' names, most recently submitted first.
     async fn dead_runs(&self, limit: u32) -> Result<Vec<String>, StoreError>;

@@ -599,18 +599,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn bury_run(&self, name: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "UPDATE queue SET dead = true, held_until_us = 0 WHERE name = $1",
-                &[&name],
-            )
-            .await
-            .map_err(pg)?;
-        Ok(())
-    }
-
     async fn dead_runs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
         let rows = client
@@ -637,13 +625,34 @@ impl Store for PostgresStore {
         Ok(changed == 1)
     }
 
-    async fn dequeue_run(&self, name: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute("DELETE FROM queue WHERE name = $1", &[&name])
-            .await
-            .map_err(pg)?;
-        Ok(())
+    async fn finish_queued(&self, run: &Run, dead: bool) -> Result<(), StoreError> {
+        let json = serde_json::to_string(run).map_err(backend)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
+               status = excluded.status, started_us = excluded.started_us,
+               tags = excluded.tags, record = excluded.record",
+            &[
+                &run.name,
+                &run.function_name,
+                &run.status.as_str(),
+                &run_started_us(run),
+                &tags_key(run),
+                &json,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        let leave = if dead {
+            "UPDATE queue SET dead = true, held_until_us = 0 WHERE name = $1"
+        } else {
+            "DELETE FROM queue WHERE name = $1"
+        };
+        tx.execute(leave, &[&run.name]).await.map_err(pg)?;
+        tx.commit().await.map_err(pg)
     }
 
     async fn claim_key(

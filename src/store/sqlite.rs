@@ -566,19 +566,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn bury_run(&self, name: &str) -> Result<(), StoreError> {
-        let name = name.to_string();
-        self.with(move |conn| {
-            conn.execute(
-                "UPDATE queue SET dead = 1, held_until_us = 0 WHERE name = ?1",
-                params![name],
-            )
-            .map_err(backend)?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn dead_runs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
         self.with(move |conn| {
             let mut stmt = conn
@@ -610,12 +597,35 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn dequeue_run(&self, name: &str) -> Result<(), StoreError> {
-        let name = name.to_string();
+    async fn finish_queued(&self, run: &Run, dead: bool) -> Result<(), StoreError> {
+        let (name, function, status, started, tags, json) = (
+            run.name.clone(),
+            run.function_name.clone(),
+            run.status.as_str(),
+            run_started_us(run),
+            tags_key(run),
+            serde_json::to_string(run).map_err(backend)?,
+        );
         self.with(move |conn| {
-            conn.execute("DELETE FROM queue WHERE name = ?1", params![name])
-                .map_err(backend)?;
-            Ok(())
+            let tx = conn.unchecked_transaction().map_err(backend)?;
+            tx.prepare_cached(
+                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
+                   status = excluded.status, started_us = excluded.started_us,
+                   tags = excluded.tags, record = excluded.record",
+            )
+            .and_then(|mut insert| {
+                insert.execute(params![name, function, status, started, tags, json])
+            })
+            .map_err(backend)?;
+            let leave = if dead {
+                "UPDATE queue SET dead = 1, held_until_us = 0 WHERE name = ?1"
+            } else {
+                "DELETE FROM queue WHERE name = ?1"
+            };
+            tx.execute(leave, params![name]).map_err(backend)?;
+            tx.commit().map_err(backend)
         })
         .await
     }

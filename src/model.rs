@@ -613,6 +613,14 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Unix time in microseconds: run start times and queue times.
+pub fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -356,14 +356,6 @@ impl Supervisor {
             }
         }
     }
-
-    /// The pids-free view tests and metrics use: how many processes a function runs.
-    pub fn running(&self, function: &str) -> usize {
-        self.groups
-            .get(function)
-            .map(|g| g.live().len())
-            .unwrap_or(0)
-    }
 }
 
 impl Group {

@@ -8,50 +8,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{Behavior, Gateway, Upstream, free_addr, function};
+use common::{Behavior, Gateway, Upstream, dispatch_cli, free_addr, function, run_finished};
 
 fn dispatch_fn(name: &str, addr: std::net::SocketAddr) -> Value {
     function(name, &[addr], json!({"upstream": {"protocol": "dispatch"}}))
-}
-
-/// Runs the `dispatch` client (in a HOME of its own, so no real config.json is read).
-async fn cli(args: &[&str]) -> (i32, String) {
-    let home = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dispatch"));
-    cmd.args(args)
-        .env("HOME", home.path())
-        .env_remove("DISPATCH_CONFIG");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// Waits until run `name` is READY or ERROR, and gives it.
-async fn finished(gw: &Gateway, name: &str, within: Duration) -> Value {
-    let until = std::time::Instant::now() + within;
-    loop {
-        let reply = gw.get(&format!("/v1/runs/{name}")).await;
-        if reply.status == 200 {
-            let run = reply.json();
-            if run["status"] == "READY" || run["status"] == "ERROR" {
-                return run;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "run {name} not finished: {}",
-            reply.text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn submit(gw: &Gateway, function: &str, input: Value) -> Value {
@@ -74,14 +34,14 @@ async fn an_async_run_is_accepted_then_runs_and_its_record_says_how_it_went() {
     assert_eq!(accepted["status"], "INITIALIZED");
     assert_eq!(accepted["blocking"], false);
     let name = accepted["name"].as_str().unwrap().to_string();
-    let run = finished(&gw, &name, Duration::from_secs(10)).await;
+    let run = run_finished(&gw, &name, Duration::from_secs(10)).await;
     assert_eq!(run["status"], "READY", "{run}");
     assert_eq!(run["output"]["greeting"], "Hello, Jon");
     assert_eq!(run["input"], json!({"name": "Jon"}));
     assert_eq!(run["logs"]["stdout"], json!(["called"]));
     // A function error is final: one attempt, ERROR with the function's error.
     let failing = submit(&gw, "hello", json!({"fail": true})).await;
-    let run = finished(
+    let run = run_finished(
         &gw,
         failing["name"].as_str().unwrap(),
         Duration::from_secs(10),
@@ -110,7 +70,7 @@ async fn the_openfaas_async_surface_answers_202_with_the_call_id() {
     .await;
     assert_eq!(reply.status, 202, "{}", reply.text());
     let id = reply.header("x-call-id").expect("X-Call-Id").to_string();
-    let run = finished(&gw, &id, Duration::from_secs(10)).await;
+    let run = run_finished(&gw, &id, Duration::from_secs(10)).await;
     assert_eq!(run["status"], "READY", "{run}");
     assert_eq!(run["input"], json!({"a": 1}));
     // Unknown functions are 404, never a 202 for a run that cannot run.
@@ -151,7 +111,7 @@ async fn an_unreachable_function_is_tried_again_until_it_answers_or_the_attempts
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
-    let run = finished(&gw, &name, Duration::from_secs(30)).await;
+    let run = run_finished(&gw, &name, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "READY", "{run}");
     assert_eq!(run["output"]["greeting"], "Hello, Arya");
     assert_eq!(up.stats.requests(), 1);
@@ -160,7 +120,7 @@ async fn an_unreachable_function_is_tried_again_until_it_answers_or_the_attempts
     let never = free_addr();
     gw.register(&dispatch_fn("never", never)).await;
     let accepted = submit(&gw, "never", json!({})).await;
-    let run = finished(
+    let run = run_finished(
         &gw,
         accepted["name"].as_str().unwrap(),
         Duration::from_secs(60),
@@ -195,7 +155,7 @@ async fn runs_accepted_by_a_gateway_killed_mid_way_are_all_finished_after_it_sta
     let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
     gw.start_again().await;
     for (i, name) in names.iter().enumerate() {
-        let run = finished(&gw, name, Duration::from_secs(60)).await;
+        let run = run_finished(&gw, name, Duration::from_secs(60)).await;
         assert_eq!(run["status"], "READY", "{run}");
         assert_eq!(run["output"]["greeting"], format!("Hello, n{i}"));
     }
@@ -293,7 +253,7 @@ async fn runs_that_end_in_error_wait_with_the_dead_letters_and_can_be_sent_again
     gw.register(&dispatch_fn("flaky", addr)).await;
     let accepted = submit(&gw, "flaky", json!({"name": "Hodor"})).await;
     let name = accepted["name"].as_str().unwrap().to_string();
-    let run = finished(&gw, &name, Duration::from_secs(20)).await;
+    let run = run_finished(&gw, &name, Duration::from_secs(20)).await;
     assert_eq!(run["status"], "ERROR", "{run}");
     let dead = gw.get("/v1/runs?dead=true").await.json();
     assert_eq!(dead.as_array().unwrap().len(), 1, "{dead}");
@@ -313,16 +273,16 @@ async fn runs_that_end_in_error_wait_with_the_dead_letters_and_can_be_sent_again
     );
     // The CLI lists it...
     let port = gw.addr.port().to_string();
-    let (code, out) = cli(&["get", "runs", "--dead", "-o", "json", "--port", &port]).await;
+    let (code, out) = dispatch_cli(&["get", "runs", "--dead", "-o", "json", "--port", &port]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&name), "{out}");
     // ...and, the function being back, sends it again: it ends READY.
     let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
-    let (code, out) = cli(&["retry", &name, "--port", &port]).await;
+    let (code, out) = dispatch_cli(&["retry", &name, "--port", &port]).await;
     assert_eq!(code, 0, "{out}");
     let accepted: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(accepted["status"], "INITIALIZED");
-    let run = finished(&gw, &name, Duration::from_secs(20)).await;
+    let run = run_finished(&gw, &name, Duration::from_secs(20)).await;
     assert_eq!(run["status"], "READY", "{run}");
     assert_eq!(run["output"]["greeting"], "Hello, Hodor");
     assert_eq!(up.stats.requests(), 1);
@@ -382,7 +342,7 @@ async fn concurrent_submits_are_all_accepted_and_a_reused_call_id_is_409() {
     }
     for name in &names {
         assert_eq!(
-            finished(&gw, name, Duration::from_secs(20)).await["status"],
+            run_finished(&gw, name, Duration::from_secs(20)).await["status"],
             "READY"
         );
     }
@@ -427,7 +387,7 @@ async fn a_run_cut_by_a_shutdown_goes_back_to_the_queue_at_once() {
     assert!(status.success(), "{status}");
     gate.open();
     gw.start_again().await;
-    let run = finished(&gw, &name, Duration::from_secs(20)).await;
+    let run = run_finished(&gw, &name, Duration::from_secs(20)).await;
     assert_eq!(run["status"], "READY", "{run}");
     assert_eq!(run["output"], "gated");
 }
@@ -445,7 +405,7 @@ async fn a_run_longer_than_its_hold_is_not_taken_twice() {
     gw.register(&function("slow", &[up.addr], json!({"timeout": 10000})))
         .await;
     let accepted = submit(&gw, "slow", json!({})).await;
-    let run = finished(
+    let run = run_finished(
         &gw,
         accepted["name"].as_str().unwrap(),
         Duration::from_secs(20),

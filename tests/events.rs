@@ -7,22 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{Behavior, Gateway, Upstream, function};
-
-async fn finished(gw: &Gateway, name: &str) -> Value {
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let run = gw.get(&format!("/v1/runs/{name}")).await.json();
-        if run["status"] == "READY" || run["status"] == "ERROR" {
-            return run;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "run {name} not finished: {run}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use common::{Behavior, Gateway, Upstream, dispatch_cli, function, run_finished};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_starts_a_run_of_every_subscribed_function() {
@@ -86,7 +71,7 @@ async fn an_event_starts_a_run_of_every_subscribed_function() {
     assert_eq!(runs.len(), 2, "{emitted}");
     assert!(emitted["event"]["event-id"].is_string());
     for run in &runs {
-        let run = finished(&gw, run.as_str().unwrap()).await;
+        let run = run_finished(&gw, run.as_str().unwrap(), Duration::from_secs(10)).await;
         assert_eq!(run["status"], "READY", "{run}");
         assert_eq!(run["input"], json!({"name": "Jon"}));
         assert_eq!(run["output"]["greeting"], "Hello, Jon");
@@ -139,25 +124,6 @@ async fn an_event_starts_a_run_of_every_subscribed_function() {
         .assert_error(404, "not-found");
 }
 
-async fn cli(args: &[&str]) -> (i32, String) {
-    let home = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dispatch"));
-    cmd.args(args)
-        .env("HOME", home.path())
-        .env_remove("DISPATCH_CONFIG");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_creates_subscriptions_lists_them_and_emits_events() {
     let up = Upstream::start(Behavior::Envelope).await;
@@ -169,7 +135,7 @@ async fn the_cli_creates_subscriptions_lists_them_and_emits_events() {
     ))
     .await;
     let port = gw.addr.port().to_string();
-    let (code, out) = cli(&[
+    let (code, out) = dispatch_cli(&[
         "create",
         "subscription",
         "hi",
@@ -181,13 +147,13 @@ async fn the_cli_creates_subscriptions_lists_them_and_emits_events() {
     ])
     .await;
     assert_eq!(code, 0, "{out}");
-    let (code, out) = cli(&["get", "subscriptions", "--port", &port]).await;
+    let (code, out) = dispatch_cli(&["get", "subscriptions", "--port", &port]).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("hi") && out.contains("user.created") && out.contains("greet"),
         "{out}"
     );
-    let (code, out) = cli(&[
+    let (code, out) = dispatch_cli(&[
         "emit",
         "user.created",
         "--payload",
@@ -198,6 +164,11 @@ async fn the_cli_creates_subscriptions_lists_them_and_emits_events() {
     .await;
     assert_eq!(code, 0, "{out}");
     let emitted: Value = serde_json::from_str(&out).unwrap();
-    let run = finished(&gw, emitted["runs"][0].as_str().unwrap()).await;
+    let run = run_finished(
+        &gw,
+        emitted["runs"][0].as_str().unwrap(),
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(run["output"]["greeting"], "Hello, Sansa", "{run}");
 }

@@ -144,6 +144,20 @@ async fn python_and_node_functions_from_source_run_with_their_logs() {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json(), json!({"myField": "Hello, Arya from Braavos"}));
+    // Its X-Call-Id names the run it was, even when the caller's id could not (not a uuid).
+    let reply = common::request(
+        gw.addr,
+        http::Method::POST,
+        "/function/hello-py",
+        &[("x-call-id", "my-call")],
+        bytes::Bytes::from_static(b"{\"name\": \"Arya\"}"),
+    )
+    .await;
+    let id = reply.header("x-call-id").expect("X-Call-Id").to_string();
+    assert_ne!(id, "my-call");
+    let run = gw.get(&format!("/v1/runs/{id}")).await.json();
+    assert_eq!(run["functionName"], "hello-py", "{run}");
+    assert_eq!(run["output"]["myField"], "Hello, Arya from Nowhere");
     // The source is not echoed back.
     assert!(
         gw.get("/v1/function/hello-py")

@@ -11,6 +11,9 @@ use hyper::body::Incoming;
 use super::{App, parse_json, query_values, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
+use crate::invoke::envelope::value_of_body;
+use crate::invoke::headers;
+use crate::queue::callback;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -44,13 +47,7 @@ pub async fn create(
     let run_name = crate::model::new_run_name().to_string();
     if !request.blocking {
         // Accepted once durable; the run goes on in a queue worker.
-        let callback = match headers.get("x-callback-url") {
-            None => None,
-            Some(url) => Some(
-                crate::queue::callback::parse(url.to_str().unwrap_or_default())
-                    .map_err(Error::BadRequest)?,
-            ),
-        };
+        let callback = callback::from_headers(&headers).map_err(Error::BadRequest)?;
         let run = crate::queue::submit(app, &name, request, run_name, callback).await?;
         return Ok(json_response(StatusCode::ACCEPTED, &run));
     }
@@ -120,19 +117,8 @@ pub async fn submit_raw(
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
-    let callback = match req.headers().get("x-callback-url") {
-        None => None,
-        Some(url) => Some(
-            crate::queue::callback::parse(url.to_str().unwrap_or_default())
-                .map_err(Error::BadRequest)?,
-        ),
-    };
-    let given = req
-        .headers()
-        .get("x-call-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| uuid::Uuid::parse_str(id).is_ok())
-        .map(str::to_string);
+    let callback = callback::from_headers(req.headers()).map_err(Error::BadRequest)?;
+    let given = headers::run_name_of(req.headers());
     if let Some(id) = &given
         && app.store.get_run(id).await?.is_some()
     {
@@ -143,10 +129,8 @@ pub async fn submit_raw(
     let run_name = given.unwrap_or_else(|| crate::model::new_run_name().to_string());
     let method = req.method().to_string();
     let body = read_body(req, app.config.limits.body_bytes).await?;
-    let input = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()));
     let request = RunRequest {
-        input,
+        input: value_of_body(&body),
         http_context: Some(
             serde_json::json!({"method": method, "path": format!("/async-function/{name}")}),
         ),

@@ -59,13 +59,18 @@ struct EnvelopeContext {
     error: Option<RunError>,
 }
 
+/// A raw body as a run's input or output: its JSON, or else its text as a string.
+pub fn value_of_body(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+}
+
 /// Reads an upstream's answer. Never fails: an answer that is not what the contract says
 /// becomes the run's error.
 pub fn decode(protocol: Protocol, status: StatusCode, body: &[u8]) -> Outcome {
     match protocol {
         Protocol::Raw => {
-            let output = serde_json::from_slice(body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+            let output = value_of_body(body);
             let error = (!status.is_success()).then(|| {
                 RunError::function(format!(
                     "function answered HTTP {}: {}",

@@ -58,6 +58,15 @@ pub fn call_id(headers: &HeaderMap) -> HeaderValue {
     }
 }
 
+/// The caller's `X-Call-Id` when it is a uuid, so it can name a run (run names are uuids).
+pub fn run_name_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(&X_CALL_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| uuid::Uuid::parse_str(id).is_ok())
+        .map(str::to_string)
+}
+
 pub fn new_call_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let id = crate::model::new_id().hyphenated().encode_lower(&mut buf);

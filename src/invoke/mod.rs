@@ -151,9 +151,9 @@ impl Invoker {
         peer: &headers::Peer,
     ) -> Response<RespBody> {
         let started = Instant::now();
-        let call_id = headers::call_id(req.headers());
+        let mut call_id = headers::call_id(req.headers());
         let mut resp = match self
-            .proxy_inner(name, rest, req, peer, &call_id, started)
+            .proxy_inner(name, rest, req, peer, &mut call_id, started)
             .await
         {
             Ok(resp) => resp,
@@ -175,7 +175,7 @@ impl Invoker {
         rest: &str,
         req: Request<Incoming>,
         peer: &headers::Peer,
-        call_id: &HeaderValue,
+        call_id: &mut HeaderValue,
         started: Instant,
     ) -> Result<Response<RespBody>, Error> {
         let function = self.resolve(name)?;
@@ -246,7 +246,7 @@ impl Invoker {
         function: &FunctionEntry,
         rest: &str,
         req: Request<Incoming>,
-        call_id: &HeaderValue,
+        call_id: &mut HeaderValue,
     ) -> Result<Response<RespBody>, Error> {
         let (parts, body) = req.into_parts();
         let limit = self.limits.body_bytes;
@@ -263,8 +263,7 @@ impl Invoker {
                 },
             )?
             .to_bytes();
-        let input = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
+        let input = envelope::value_of_body(&body);
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let request = RunRequest {
             blocking: true,
@@ -276,15 +275,14 @@ impl Invoker {
             })),
             ..RunRequest::default()
         };
-        let run_name = call_id
-            .to_str()
-            .ok()
-            .filter(|id| uuid::Uuid::parse_str(id).is_ok())
-            .map(str::to_string)
+        let run_name = headers::run_name_of(&parts.headers)
             .unwrap_or_else(|| crate::model::new_run_name().to_string());
         let run = self
             .run(&function.spec.name, request, &parts.headers, run_name)
             .await?;
+        // The call's id is the run's name, so the caller can read it back
+        // (`GET /v1/runs/{X-Call-Id}`): a caller's id that is not a uuid gives way.
+        *call_id = HeaderValue::from_str(&run.name).expect("a uuid is a header value");
         Ok(match &run.error {
             None => crate::body::json_response(http::StatusCode::OK, &run.output),
             Some(error) => {
@@ -436,7 +434,7 @@ impl Invoker {
         run_name: String,
     ) -> Result<Run, Error> {
         let started = Instant::now();
-        let started_us = (unix_nanos() / 1_000) as i64;
+        let started_us = crate::model::unix_micros();
         let function = self.resolve(name)?;
         let deadline = started + function.timeout;
         let mut call = self.admit(&function, started, deadline).await?;

@@ -20,6 +20,14 @@ pub struct Callback {
     pub url: String,
 }
 
+/// The caller's `X-Callback-Url`, checked (see [`parse`]); `None` when it sent none.
+pub fn from_headers(headers: &http::HeaderMap) -> Result<Option<Callback>, String> {
+    headers
+        .get("x-callback-url")
+        .map(|url| parse(url.to_str().unwrap_or_default()))
+        .transpose()
+}
+
 /// Checks a callback URL when the run is submitted, so a bad one is a 400 then, not a
 /// failure later.
 pub fn parse(url: &str) -> Result<Callback, String> {

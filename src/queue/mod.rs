@@ -21,7 +21,9 @@ use tokio::sync::{Notify, Semaphore};
 use crate::api::App;
 use crate::config::QueueConfig;
 use crate::error::Error;
-use crate::model::{CallFacts, Run, RunError, RunErrorType, RunRequest, Status, unix_now};
+use crate::model::{
+    CallFacts, Run, RunError, RunErrorType, RunRequest, Status, unix_micros, unix_now,
+};
 use crate::store::{QueuedRun, Store, StoreError};
 
 /// What a queued run carries: the run request, as the client sent it, and where its
@@ -31,13 +33,6 @@ struct Job {
     request: RunRequest,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     callback: Option<callback::Callback>,
-}
-
-fn unix_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// Writes submitted runs to the store in batches: a submit waits for the next commit, and
@@ -50,7 +45,8 @@ pub struct Submitter {
 struct Submission {
     run: Run,
     queued: QueuedRun,
-    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+    /// The run back once written (no copy of a possibly large input is kept meanwhile).
+    done: tokio::sync::oneshot::Sender<Result<Run, StoreError>>,
 }
 
 /// Runs written per transaction, at most.
@@ -63,8 +59,8 @@ impl Submitter {
         Submitter { tx }
     }
 
-    /// Returns once the run is in the store (or could not be written).
-    async fn accept(&self, run: Run, queued: QueuedRun) -> Result<(), Error> {
+    /// Returns the run once it is in the store (or why it could not be written).
+    async fn accept(&self, run: Run, queued: QueuedRun) -> Result<Run, Error> {
         let (done, written) = tokio::sync::oneshot::channel();
         let stopped = || Error::Store("the queue writer has stopped".into());
         self.tx
@@ -90,15 +86,16 @@ async fn write_submissions(store: Arc<dyn Store>, mut rx: tokio::sync::mpsc::Rec
             .unzip();
         match store.enqueue_runs(&runs).await {
             Ok(()) => {
-                for reply in replies {
-                    let _ = reply.send(Ok(()));
+                for ((run, _), reply) in runs.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(run));
                 }
             }
             // One bad run (a caller's X-Call-Id used twice) must not fail the others:
             // each goes again on its own and gets its own answer.
             Err(_) if runs.len() > 1 => {
-                for (run, reply) in runs.iter().zip(replies) {
-                    let _ = reply.send(store.enqueue_runs(std::slice::from_ref(run)).await);
+                for (pair, reply) in runs.into_iter().zip(replies) {
+                    let written = store.enqueue_runs(std::slice::from_ref(&pair)).await;
+                    let _ = reply.send(written.map(|()| pair.0));
                 }
             }
             Err(e) => {
@@ -121,7 +118,7 @@ pub async fn submit(
     callback: Option<callback::Callback>,
 ) -> Result<Run, Error> {
     let function = app.invoker.resolve(name)?;
-    let now_us = unix_us();
+    let now_us = unix_micros();
     request.blocking = false;
     let run = Run {
         name: run_name.clone(),
@@ -158,7 +155,7 @@ pub async fn submit(
         not_before_us: now_us,
         submitted_us: now_us,
     };
-    app.submitter.accept(run.clone(), queued).await?;
+    let run = app.submitter.accept(run, queued).await?;
     app.metrics.queue.submitted.inc();
     app.queue_wake.notify_one();
     Ok(run)
@@ -179,7 +176,7 @@ pub async fn work(app: Arc<App>) {
             Err(_) => return,
         };
         let free = slots.available_permits() + 1;
-        let now = unix_us();
+        let now = unix_micros();
         let hold_until = now + config.hold_seconds as i64 * 1_000_000;
         let taken = match app.store.take_queued(now, hold_until, free as u32).await {
             Ok(taken) => taken,
@@ -225,7 +222,7 @@ pub async fn work(app: Arc<App>) {
 pub async fn release(app: &App) {
     let names: Vec<String> = app.queue_running.iter().map(|n| n.clone()).collect();
     for name in names {
-        match app.store.requeue_run(&name, unix_us()).await {
+        match app.store.requeue_run(&name, unix_micros()).await {
             Ok(()) => tracing::info!(run = %name, "queue: run given back at shutdown"),
             Err(e) => {
                 tracing::warn!(run = %name, error = %e, "queue: run not given back; taken again after its hold")
@@ -244,7 +241,7 @@ async fn wait(wake: &Notify, poll: Duration) {
 /// Sends a dead run again (`POST /v1/runs/{name}/retry`): its attempts start afresh, and
 /// its record says INITIALIZED again. `None` when no dead run has that name.
 pub async fn retry(app: &App, name: &str) -> Result<Option<Run>, Error> {
-    if !app.store.revive_run(name, unix_us()).await? {
+    if !app.store.revive_run(name, unix_micros()).await? {
         return Ok(None);
     }
     let mut run = app
@@ -280,6 +277,9 @@ async fn run_queued(app: &App, queued: QueuedRun) {
     let mut creating = base_run(&queued);
     creating.status = Status::Creating;
     creating.input = request.input.clone();
+    creating.tags = request.tags.clone();
+    creating.event = request.event.clone();
+    creating.http_context = request.http_context.clone();
     if let Err(e) = app.store.put_runs(std::slice::from_ref(&creating)).await {
         tracing::warn!(run = %queued.name, error = %e, "queue: run not marked CREATING");
     }
@@ -287,9 +287,10 @@ async fn run_queued(app: &App, queued: QueuedRun) {
     // is not taken again by a worker that thinks its holder died.
     let no_headers = HeaderMap::new();
     let outcome = {
+        // The run it gives back carries the request's input, event and context.
         let run = app.invoker.execute(
             &queued.function_name,
-            request.clone(),
+            request,
             &no_headers,
             queued.name.clone(),
         );
@@ -301,7 +302,7 @@ async fn run_queued(app: &App, queued: QueuedRun) {
             tokio::select! {
                 outcome = &mut run => break outcome,
                 _ = renew.tick() => {
-                    let until = unix_us() + hold.as_micros() as i64;
+                    let until = unix_micros() + hold.as_micros() as i64;
                     if let Err(e) = app.store.hold_run(&queued.name, until).await {
                         tracing::warn!(run = %queued.name, error = %e, "queue: hold not renewed");
                     }
@@ -323,14 +324,13 @@ async fn run_queued(app: &App, queued: QueuedRun) {
             // Never started: the function is gone or not READY (final), or at its limit
             // (worth trying again).
             let retryable = matches!(e, Error::TooManyRequests { .. });
-            let mut run = creating.clone();
+            let mut run = creating;
             finish_with(&mut run, RunError::system(e.to_string()));
             (run, retryable)
         }
     };
     run.blocking = false;
-    run.input = request.input;
-    let age = Duration::from_micros((unix_us() - queued.submitted_us).max(0) as u64);
+    let age = Duration::from_micros((unix_micros() - queued.submitted_us).max(0) as u64);
     if retryable
         && queued.attempts < config.attempts
         && age < Duration::from_secs(config.max_age_seconds)
@@ -353,7 +353,7 @@ async fn run_queued(app: &App, queued: QueuedRun) {
         if let Err(e) = app.store.put_runs(std::slice::from_ref(&run)).await {
             tracing::warn!(run = %queued.name, error = %e, "queue: retry not recorded");
         }
-        let due = unix_us() + delay.as_micros() as i64;
+        let due = unix_micros() + delay.as_micros() as i64;
         if let Err(e) = app.store.requeue_run(&queued.name, due).await {
             // Still held: it is taken again when the hold ends.
             tracing::warn!(run = %queued.name, error = %e, "queue: run not put back; taken again after its hold");
@@ -387,7 +387,7 @@ async fn finish(app: &App, queued: &QueuedRun, mut run: Run, callback: Option<ca
         .finished
         .with_label_values(&[run.status.as_str()])
         .inc();
-    let since_submitted = (unix_us() - queued.submitted_us).max(0) as f64 / 1e6;
+    let since_submitted = (unix_micros() - queued.submitted_us).max(0) as f64 / 1e6;
     metrics.run_seconds.observe(since_submitted);
     if dead {
         metrics.dead_lettered.inc();

@@ -1146,3 +1146,48 @@ impl Metrics {
         self.get(name, labels).unwrap_or(0.0)
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Runs and the client
+// ---------------------------------------------------------------------------------------
+
+/// Waits until run `name` is READY or ERROR, and gives it.
+pub async fn run_finished(gw: &Gateway, name: &str, within: Duration) -> Value {
+    let until = Instant::now() + within;
+    loop {
+        let reply = gw.get(&format!("/v1/runs/{name}")).await;
+        if reply.status == 200 {
+            let run = reply.json();
+            if run["status"] == "READY" || run["status"] == "ERROR" {
+                return run;
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "run {name} not finished: {}",
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the `dispatch` client with `args` (in a HOME of its own, so no real config.json
+/// is read): its exit code, and its stdout then stderr.
+pub async fn dispatch_cli(args: &[&str]) -> (i32, String) {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dispatch"));
+    cmd.args(args)
+        .env("HOME", home.path())
+        .env_remove("DISPATCH_CONFIG");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -4,6 +4,7 @@
 //! change (PostgreSQL LISTEN/NOTIFY on `dispatch_catalog`). A run reads its secrets here,
 //! and the local driver asks here which runtime an image needs: neither queries the store.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -38,44 +39,49 @@ impl Catalog {
 
     /// Reads everything from the store, replacing what the catalog held.
     pub async fn load(&self, store: &dyn Store) -> Result<(), StoreError> {
+        // What the catalog held before reading the store: only those may go for being
+        // absent from it (something created here meanwhile is not in the lists yet).
+        let before = (
+            names(&self.base_images),
+            names(&self.images),
+            names(&self.secrets),
+            names(&self.subscriptions),
+        );
         let (bases, images, secrets, subscriptions) = (
             store.list_base_images().await?,
             store.list_images().await?,
             store.list_secrets().await?,
             store.list_subscriptions().await?,
         );
-        let subscription_names = subscriptions
-            .iter()
-            .map(|s| s.name.clone())
-            .collect::<std::collections::HashSet<String>>();
-        self.subscriptions
-            .retain(|name, _| subscription_names.contains(name));
-        for subscription in subscriptions {
-            self.subscriptions
-                .insert(subscription.name.clone(), subscription);
-        }
-        let keep = |names: Vec<&String>| {
-            names
+        let images = images
+            .into_iter()
+            .map(|mut image| {
+                self.evaluate(&mut image);
+                (image.name.clone(), image)
+            })
+            .collect();
+        replace_all(
+            &self.base_images,
+            &before.0,
+            bases.into_iter().map(|b| (b.name.clone(), b)).collect(),
+        );
+        replace_all(&self.images, &before.1, images);
+        replace_all(
+            &self.secrets,
+            &before.2,
+            secrets
                 .into_iter()
-                .cloned()
-                .collect::<std::collections::HashSet<String>>()
-        };
-        let base_names = keep(bases.iter().map(|b| &b.name).collect());
-        let image_names = keep(images.iter().map(|i| &i.name).collect());
-        let secret_names = keep(secrets.iter().map(|s| &s.name).collect());
-        self.base_images.retain(|name, _| base_names.contains(name));
-        self.images.retain(|name, _| image_names.contains(name));
-        self.secrets.retain(|name, _| secret_names.contains(name));
-        for base in bases {
-            self.base_images.insert(base.name.clone(), base);
-        }
-        for mut image in images {
-            self.evaluate(&mut image);
-            self.images.insert(image.name.clone(), image);
-        }
-        for secret in secrets {
-            self.secrets.insert(secret.name.clone(), Arc::new(secret));
-        }
+                .map(|s| (s.name.clone(), Arc::new(s)))
+                .collect(),
+        );
+        replace_all(
+            &self.subscriptions,
+            &before.3,
+            subscriptions
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+        );
         Ok(())
     }
 
@@ -328,6 +334,20 @@ impl Catalog {
             },
         }
         Ok(())
+    }
+}
+
+fn names<V>(cache: &DashMap<String, V>) -> HashSet<String> {
+    cache.iter().map(|e| e.key().clone()).collect()
+}
+
+/// Puts `stored` in `cache`, and takes out the names it held `before` that the store no
+/// longer has.
+fn replace_all<V>(cache: &DashMap<String, V>, before: &HashSet<String>, stored: Vec<(String, V)>) {
+    let kept: HashSet<&String> = stored.iter().map(|(name, _)| name).collect();
+    cache.retain(|name, _| !before.contains(name) || kept.contains(name));
+    for (name, value) in stored {
+        cache.insert(name, value);
     }
 }
 

@@ -175,6 +175,18 @@ impl Registry {
         }
     }
 
+    /// [`Registry::load`], unless the registry holds a newer version (registered here
+    /// while the store was being read).
+    fn load_unless_newer(&self, function: Function) {
+        if self
+            .get(&function.name)
+            .is_some_and(|e| e.spec.modified_time > function.modified_time)
+        {
+            return;
+        }
+        self.load(function);
+    }
+
     /// Publishes an entry; calls that already hold the old one finish on it.
     pub fn insert(&self, entry: FunctionEntry) {
         self.functions
@@ -218,23 +230,26 @@ impl Registry {
                         tracing::warn!(function = %name, error = %e, "reading a changed function failed")
                     }
                 },
-                FunctionChange::Resync => match store.list_functions().await {
-                    Ok(all) => {
-                        let stored: std::collections::HashSet<String> =
-                            all.iter().map(|f| f.name.clone()).collect();
-                        for function in all {
-                            self.load(function);
+                FunctionChange::Resync => {
+                    // What the registry held before reading the store: a function this
+                    // gateway registers while the list is read is not in the list, and
+                    // must not be taken for one deleted elsewhere.
+                    let before: Vec<String> =
+                        self.functions.iter().map(|e| e.key().clone()).collect();
+                    match store.list_functions().await {
+                        Ok(all) => {
+                            let stored: std::collections::HashSet<String> =
+                                all.iter().map(|f| f.name.clone()).collect();
+                            for function in all {
+                                self.load_unless_newer(function);
+                            }
+                            for gone in before.iter().filter(|name| !stored.contains(*name)) {
+                                self.remove(gone);
+                            }
                         }
-                        for gone in self
-                            .list()
-                            .into_iter()
-                            .filter(|f| !stored.contains(&f.name))
-                        {
-                            self.remove(&gone.name);
-                        }
+                        Err(e) => tracing::warn!(error = %e, "reading the functions again failed"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "reading the functions again failed"),
-                },
+                }
             }
         }
     }

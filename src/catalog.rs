@@ -53,6 +53,12 @@ impl Catalog {
             store.list_secrets().await?,
             store.list_subscriptions().await?,
         );
+        replace_all(
+            &self.base_images,
+            &before.0,
+            bases.into_iter().map(|b| (b.name.clone(), b)).collect(),
+        );
+        // After the base images: an image's status is worked out from its base image.
         let images = images
             .into_iter()
             .map(|mut image| {
@@ -60,11 +66,6 @@ impl Catalog {
                 (image.name.clone(), image)
             })
             .collect();
-        replace_all(
-            &self.base_images,
-            &before.0,
-            bases.into_iter().map(|b| (b.name.clone(), b)).collect(),
-        );
         replace_all(&self.images, &before.1, images);
         replace_all(
             &self.secrets,

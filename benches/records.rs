@@ -1,4 +1,4 @@
-//! Run records: writing a batch to the store, per backend. `cargo bench --bench records`.
+//! Run records: writing a batch of runs, and a batch of raw calls, to the store, per backend. `cargo bench --bench records`.
 //! The PostgreSQL case needs the machine's server (127.0.0.1:5432, user postgres); without
 //! it the bench stops with a message naming it.
 
@@ -8,6 +8,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use dispatch::model::{CallFacts, Run, Status};
 use dispatch::store::Store;
+use dispatch::store::calls::{CallBatch, CallRecord};
 use dispatch::store::postgres::PostgresStore;
 use dispatch::store::sqlite::SqliteStore;
 use serde_json::json;
@@ -36,6 +37,29 @@ fn batch(n: usize) -> Vec<Run> {
         .collect()
 }
 
+/// The same calls as the raw surface hands them to the store: one function's batch.
+fn calls(n: usize) -> Vec<CallBatch> {
+    let mut batch = CallBatch::new("echo");
+    for i in 0..n {
+        let call = CallRecord {
+            function_id: "3f1c".into(),
+            call_id: format!("call-{i}"),
+            method: "POST".into(),
+            path: "/function/echo".into(),
+            started_us: 1_795_570_878_000_000 + i as i64,
+            duration_us: 400,
+            status: 200,
+            endpoint: "http://127.0.0.1:9000".into(),
+            input: bytes::Bytes::from(format!(r#"{{"name":"Jon","i":{i}}}"#)),
+            output: bytes::Bytes::from_static(br#"{"myField":"Hello, Jon from Winterfell"}"#),
+            complete: true,
+            ..CallRecord::default()
+        };
+        batch.push(&(&call).into()).unwrap();
+    }
+    vec![batch]
+}
+
 fn put_runs(c: &mut Criterion, name: &str, store: Arc<dyn Store>, rt: &tokio::runtime::Runtime) {
     let mut group = c.benchmark_group("records");
     group.measurement_time(Duration::from_secs(4));
@@ -45,6 +69,13 @@ fn put_runs(c: &mut Criterion, name: &str, store: Arc<dyn Store>, rt: &tokio::ru
         b.iter_batched(
             || batch(256),
             |runs| rt.block_on(store.put_runs(&runs)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(format!("put_records_256_raw_calls/{name}"), |b| {
+        b.iter_batched(
+            || calls(256),
+            |calls| rt.block_on(store.put_records(&[], &calls)).unwrap(),
             BatchSize::SmallInput,
         )
     });

@@ -9,9 +9,10 @@
 //! answers, so a caller that lists runs right after finds it.
 //!
 //! A call on the raw surface is recorded as a [`RawCall`]: what the call kept (the first
-//! bytes of each body, as the frames that carried them) is turned into a Run by the writer,
-//! not by the call. It never waits: when the queue is full, its record is dropped and
-//! counted.
+//! bytes of each body, as the frames that carried them). The writer makes it a compact
+//! [`CallRecord`] (no JSON is parsed or written: the Run is built when the record is read)
+//! and hands the calls of each function to the store as one batch. A raw call never waits:
+//! when the queue is full, its record is dropped and counted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,12 +20,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Uri};
 use prometheus::{IntCounter, IntGauge};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::RecordsConfig;
-use crate::model::{CallFacts, Run, RunError, Status};
+use crate::model::Run;
+use crate::store::calls::{ByteStr, CallBatch, CallRef};
 
 use crate::store::Store;
 
@@ -51,16 +53,7 @@ enum Pending {
     Raw(Box<RawCall>),
 }
 
-impl Pending {
-    fn take_run(&mut self, body_bytes: usize) -> Run {
-        match self {
-            Pending::Run { run, .. } => std::mem::take(&mut **run),
-            Pending::Raw(raw) => raw.take_run(body_bytes),
-        }
-    }
-}
-
-/// The first bytes of a body, as the frames that carried them (no copy).
+/// The first bytes of a body, as the frames that carried them (small ones copied).
 #[derive(Debug, Default)]
 pub struct Captured {
     chunks: Vec<Bytes>,
@@ -69,30 +62,38 @@ pub struct Captured {
 }
 
 impl Captured {
-    /// Keeps `data`, or what of it fits under `limit`.
+    /// Keeps `data`, or what of it fits under `limit`. A small piece is copied: a slice
+    /// would keep the whole read buffer it came from (16 KiB) alive until the record is
+    /// written, and the connection would allocate a new one for every call.
     pub fn keep(&mut self, data: &Bytes, limit: usize) {
+        const COPY_BELOW: usize = 4096;
         let room = limit.saturating_sub(self.len);
         if data.len() > room {
             self.truncated = true;
         }
         let take = data.len().min(room);
         if take > 0 {
-            self.chunks.push(data.slice(..take));
+            self.chunks.push(match take < COPY_BELOW {
+                true => Bytes::copy_from_slice(&data[..take]),
+                false => data.slice(..take),
+            });
             self.len += take;
         }
     }
 
-    /// The body as a run shows it: JSON when it parses, text otherwise, null when empty.
-    fn value(&self) -> Value {
-        if self.len == 0 {
-            return Value::Null;
+    /// The kept bytes, in one piece (no copy when one frame carried them).
+    fn bytes(&self) -> Bytes {
+        match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut all = BytesMut::with_capacity(self.len);
+                for chunk in many {
+                    all.extend_from_slice(chunk);
+                }
+                all.freeze()
+            }
         }
-        let mut all = BytesMut::with_capacity(self.len);
-        for chunk in &self.chunks {
-            all.extend_from_slice(chunk);
-        }
-        serde_json::from_slice(&all)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&all).into_owned()))
     }
 }
 
@@ -100,8 +101,8 @@ impl Captured {
 pub struct RawCall {
     /// The function's name and id: not its registry entry, which a queued record would
     /// keep alive (and, with it, the pools of endpoints the function has left).
-    pub function_name: String,
-    pub function_id: String,
+    pub function_name: Arc<str>,
+    pub function_id: Arc<str>,
     pub call_id: HeaderValue,
     pub method: Method,
     pub uri: Uri,
@@ -109,7 +110,7 @@ pub struct RawCall {
     pub duration: Duration,
     /// The status the caller got.
     pub status: u16,
-    pub endpoint: String,
+    pub endpoint: Option<Arc<str>>,
     /// The request body, kept by the body as the upstream connection sends it.
     pub request: Option<Arc<std::sync::Mutex<Captured>>>,
     pub response: Captured,
@@ -126,58 +127,44 @@ impl RawCall {
         self.status >= 400 || self.failure.is_some() || !self.complete
     }
 
-    fn take_run(&mut self, body_bytes: usize) -> Run {
+    /// Packs the call's record into the batch of its function (a new batch when there is
+    /// none, or when that one is full).
+    fn pack_into(&self, batches: &mut Vec<CallBatch>) {
         let input = self
             .request
             .as_ref()
-            .and_then(|c| c.lock().ok().map(|c| (c.value(), c.truncated)));
-        let (mut input, input_cut) = input.unwrap_or((Value::Null, false));
-        let mut output = self.response.value();
-        // Kept bytes were cut at the limit already; a JSON value made text stays under it too.
-        let input_truncated = input_cut | cut(&mut input, body_bytes);
-        let output_truncated = self.response.truncated | cut(&mut output, body_bytes);
-        let error = match (&self.failure, self.status) {
-            (Some(why), _) => Some(RunError::system(why.clone())),
-            (None, status) if status >= 400 => Some(RunError::function(format!(
-                "function answered HTTP {status}"
-            ))),
-            (None, _) if !self.complete => Some(RunError::system(
-                "the answer was cut off before its end".to_string(),
-            )),
-            _ => None,
+            .and_then(|c| c.lock().ok().map(|c| (c.bytes(), c.truncated)));
+        let (input, input_truncated) = input.unwrap_or_default();
+        let output = self.response.bytes();
+        let call = CallRef {
+            function_id: &self.function_id,
+            call_id: self.call_id.to_str().unwrap_or_default(),
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            query: self.uri.query().unwrap_or(""),
+            started_us: self.started_us,
+            duration_us: self.duration.as_micros() as u64,
+            status: self.status,
+            endpoint: self.endpoint.as_deref().unwrap_or_default(),
+            input: ByteStr(&input),
+            input_truncated,
+            output: ByteStr(&output),
+            output_truncated: self.response.truncated,
+            failure: self.failure.as_deref(),
+            complete: self.complete,
         };
-        let finished_us = self.started_us + self.duration.as_micros() as i64;
-        Run {
-            name: crate::model::new_run_name().to_string(),
-            function_name: std::mem::take(&mut self.function_name),
-            function_id: std::mem::take(&mut self.function_id),
-            blocking: true,
-            input,
-            output,
-            http_context: Some(json!({
-                "method": self.method.as_str(),
-                "path": self.uri.path(),
-                "query": self.uri.query().unwrap_or(""),
-            })),
-            executed_time: self.started_us / 1_000_000,
-            finished_time: finished_us / 1_000_000,
-            status: if error.is_some() {
-                Status::Error
-            } else {
-                Status::Ready
-            },
-            reason: error.iter().map(|e| e.message.clone()).collect(),
-            error,
-            call: Some(CallFacts {
-                call_id: self.call_id.to_str().unwrap_or_default().to_string(),
-                http_status: self.status,
-                duration_ms: self.duration.as_secs_f64() * 1e3,
-                endpoint: std::mem::take(&mut self.endpoint),
-                input_truncated,
-                output_truncated,
-                started_us: self.started_us,
-            }),
-            ..Run::default()
+        let batch = match batches
+            .iter_mut()
+            .rposition(|b| *b.function_name == *self.function_name && !b.is_full())
+        {
+            Some(at) => &mut batches[at],
+            None => {
+                batches.push(CallBatch::new(&self.function_name));
+                batches.last_mut().expect("just pushed")
+            }
+        };
+        if let Err(e) = batch.push(&call) {
+            tracing::error!(error = %e, function = %self.function_name, "a raw call's record could not be packed");
         }
     }
 }
@@ -217,7 +204,6 @@ impl Recorder {
             Batching {
                 max: config.batch.max(1),
                 linger: Duration::from_millis(config.linger_ms),
-                body_bytes: config.body_bytes,
             },
             metrics,
             stop.clone(),
@@ -311,7 +297,6 @@ struct Batching {
     max: usize,
     /// How long to wait for more after the first record of a batch.
     linger: Duration,
-    body_bytes: usize,
 }
 
 /// Replaces `value` by the start of its JSON text when that is longer than `limit` bytes.
@@ -341,7 +326,6 @@ async fn write_loop(
     let Batching {
         max: batch_max,
         linger,
-        body_bytes,
     } = batching;
     let mut batch = Vec::with_capacity(batch_max);
     let mut stopping = false;
@@ -389,8 +373,15 @@ async fn write_loop(
             }
         }
         metrics.pending.set(rx.len() as i64);
-        let runs: Vec<Run> = batch.iter_mut().map(|p| p.take_run(body_bytes)).collect();
-        write(&*store, &runs, &metrics, stopping).await;
+        let mut runs = Vec::new();
+        let mut calls = Vec::new();
+        for pending in &mut batch {
+            match pending {
+                Pending::Run { run, .. } => runs.push(std::mem::take(&mut **run)),
+                Pending::Raw(raw) => raw.pack_into(&mut calls),
+            }
+        }
+        write(&*store, &runs, &calls, &metrics, stopping).await;
         for pending in batch.drain(..) {
             if let Pending::Run {
                 written: Some(written),
@@ -408,24 +399,26 @@ async fn write_loop(
 /// up after a few tries rather than hold the process forever, and says what was lost.
 async fn write(
     store: &dyn Store,
-    batch: &[crate::model::Run],
+    runs: &[Run],
+    calls: &[CallBatch],
     metrics: &RecordMetrics,
     stopping: bool,
 ) {
+    let records = runs.len() + calls.iter().map(|b| b.calls).sum::<usize>();
     let mut delay = Duration::from_millis(50);
     for attempt in 1.. {
-        match store.put_runs(batch).await {
+        match store.put_records(runs, calls).await {
             Ok(()) => {
-                metrics.written.inc_by(batch.len() as u64);
+                metrics.written.inc_by(records as u64);
                 return;
             }
             Err(e) => {
                 metrics.write_failures.inc();
                 if stopping && attempt >= 5 {
-                    tracing::error!(runs = batch.len(), error = %e, "run records lost at shutdown: the store does not answer");
+                    tracing::error!(runs = records, error = %e, "run records lost at shutdown: the store does not answer");
                     return;
                 }
-                tracing::warn!(runs = batch.len(), error = %e, attempt, "writing run records failed; trying again");
+                tracing::warn!(runs = records, error = %e, attempt, "writing run records failed; trying again");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }

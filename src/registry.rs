@@ -37,6 +37,9 @@ pub struct FunctionEntry {
     pub limiter: Arc<Limiter>,
     /// Which raw calls get a run record: the function's setting or the server's.
     pub record: RecordMode,
+    /// The function's name and id, shared (not copied) by the records of its raw calls.
+    pub record_name: Arc<str>,
+    pub record_id: Arc<str>,
     /// Shared with the entry this one replaces, so an update keeps the series.
     pub metrics: Arc<FunctionMetrics>,
     /// `schema.in`, compiled; `None` when the function has none (nothing is checked, and
@@ -133,6 +136,8 @@ impl Registry {
         };
         Ok(FunctionEntry {
             record: function.record.unwrap_or(self.default_record),
+            record_name: function.name.as_str().into(),
+            record_id: function.id.as_str().into(),
             protocol,
             spec: function,
             endpoints,

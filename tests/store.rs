@@ -10,6 +10,7 @@ use common::pg::TestDatabase;
 use std::sync::Arc;
 
 use dispatch::model::{BaseImage, CallFacts, Function, Image, Run, Secret, Status, Tag};
+use dispatch::store::calls::{CallBatch, CallRecord};
 use dispatch::store::postgres::PostgresStore;
 use dispatch::store::sqlite::SqliteStore;
 use dispatch::store::{Change, QueuedRun, RunPosition, RunQuery, Store, StoreError};
@@ -58,6 +59,7 @@ on_both_backends! {
         secrets_are_created_replaced_and_deleted,
         catalog_changes_are_announced_to_other_gateways,
         queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_ends,
+        raw_calls_are_read_listed_paged_and_pruned_with_the_runs,
     ],
     backends: [migrations_are_idempotent],
 }
@@ -804,4 +806,151 @@ async fn queued_runs_are_taken_once_held_put_back_and_taken_again_after_a_hold_e
     );
     // The records stay.
     assert!(store.get_run(&b.name).await.unwrap().is_some());
+}
+
+fn call(started_us: i64, status: u16) -> CallRecord {
+    CallRecord {
+        function_id: "f-id".into(),
+        call_id: format!("call-{started_us}"),
+        method: "POST".into(),
+        path: "/function/echo".into(),
+        started_us,
+        duration_us: 250,
+        status,
+        endpoint: "http://127.0.0.1:9".into(),
+        input: bytes::Bytes::from(format!(r#"{{"at":{started_us}}}"#)),
+        output: bytes::Bytes::from_static(b"plain text"),
+        complete: true,
+        ..Default::default()
+    }
+}
+
+/// Raw-call records (which SQLite packs) read, list, page and prune like any run, mixed
+/// with the runs of the Dispatch surface in one order.
+async fn raw_calls_are_read_listed_paged_and_pruned_with_the_runs(store: &dyn Store) {
+    // Runs and calls interleaved in time; two functions; the calls' batches overlap in time.
+    let runs: Vec<Run> = (0..4)
+        .map(|i| run("echo", T0 + i * 10_000_000, Status::Ready, &[("k", "v")]))
+        .collect();
+    let batch = |function: &str, offsets: &[(i64, u16)]| {
+        let mut batch = CallBatch::new(function);
+        for &(at, status) in offsets {
+            batch.push(&(&call(T0 + at, status)).into()).unwrap();
+        }
+        batch
+    };
+    let calls = vec![
+        batch("echo", &[(5_000_000, 200), (25_000_000, 502), (1_000, 200)]),
+        batch("other", &[(15_000_000, 200)]),
+    ];
+    store.put_records(&runs, &calls).await.unwrap();
+    store
+        .put_records(&[], &[batch("echo", &[(35_000_000, 200), (2_000, 404)])])
+        .await
+        .unwrap();
+
+    let everything = store.list_runs(&query(100)).await.unwrap();
+    assert_eq!(everything.len(), 10, "{:?}", names(&everything));
+    assert_eq!(names(&everything), names(&newest_first(&everything)));
+    // Each listed call reads back by its name, as the listing showed it.
+    for listed in everything.iter().filter(|r| r.tags.is_empty()) {
+        let read = store.get_run(&listed.name).await.unwrap();
+        assert_eq!(read.as_ref(), Some(listed), "{}", listed.name);
+        let facts = listed.call.as_ref().unwrap();
+        assert_eq!(listed.input, serde_json::json!({"at": facts.started_us}));
+        assert_eq!(listed.output, serde_json::json!("plain text"));
+        assert_eq!(listed.status == Status::Error, facts.http_status >= 400);
+    }
+    let starts: Vec<i64> = everything
+        .iter()
+        .map(|r| RunPosition::of(r).started_us - T0)
+        .collect();
+    assert_eq!(
+        starts,
+        [
+            35_000_000, 30_000_000, 25_000_000, 20_000_000, 15_000_000, 10_000_000, 5_000_000,
+            2_000, 1_000, 0
+        ]
+    );
+
+    // Pages of 3 give each once, in the same order, while more calls arrive.
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_runs(&RunQuery {
+                limit: 3,
+                after: after.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        store
+            .put_records(&[], &[batch("echo", &[(90_000_000, 200)])])
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(RunPosition::of(last));
+        paged.extend(page);
+    }
+    assert_eq!(names(&paged), names(&everything));
+
+    // Filters: function, status, since, tags.
+    let filtered = |q: RunQuery| async move { store.list_runs(&q).await.unwrap() };
+    let other = filtered(RunQuery {
+        function_name: Some("other".into()),
+        ..query(100)
+    })
+    .await;
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].function_name, "other");
+    let failed = filtered(RunQuery {
+        status: Some(Status::Error),
+        ..query(100)
+    })
+    .await;
+    let codes: Vec<u16> = failed
+        .iter()
+        .map(|r| r.call.as_ref().unwrap().http_status)
+        .collect();
+    assert_eq!(codes, [502, 404]);
+    let recent = filtered(RunQuery {
+        since: Some((T0 + 30_000_000) / 1_000_000),
+        ..query(100)
+    })
+    .await;
+    // The five calls made while paging, the call at 35 s and the run at 30 s.
+    assert_eq!(recent.len(), 7, "{:?}", names(&recent));
+    let tagged = filtered(RunQuery {
+        tags: vec![("k".into(), Some("v".into()))],
+        ..query(100)
+    })
+    .await;
+    assert_eq!(tagged.len(), 4);
+    assert!(
+        store
+            .get_run("5f0e0000-0000-8000-8000-000000000099")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Retention by age: runs started before, and batches of calls that all did.
+    let before = store.list_runs(&query(1000)).await.unwrap();
+    assert_eq!(before.len(), 15); // five more calls arrived while paging
+    // (A backend that packs calls removes a batch once all its calls are that old.)
+    let removed = store.prune_runs(Some(T0 + 12_000_000), None).await.unwrap() as usize;
+    let aged = store.list_runs(&query(1000)).await.unwrap();
+    assert_eq!(removed, before.len() - aged.len());
+    assert!((2..=5).contains(&removed), "{removed} removed");
+    assert!(
+        aged.iter()
+            .all(|r| r.tags.is_empty() || RunPosition::of(r).started_us >= T0 + 12_000_000)
+    );
+    // By count: calls and runs together, the oldest first (a batch goes whole).
+    let removed = store.prune_runs(None, Some(6)).await.unwrap();
+    let left = store.list_runs(&query(1000)).await.unwrap();
+    assert_eq!(removed as usize, aged.len() - left.len());
+    assert!((1..=6).contains(&left.len()), "{} left", left.len());
+    assert_eq!(names(&left), names(&before[..left.len()]));
 }

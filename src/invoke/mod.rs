@@ -191,15 +191,15 @@ impl Invoker {
                 mode: function.record,
                 recorder: self.recorder.clone(),
                 call: RawCall {
-                    function_name: function.spec.name.clone(),
-                    function_id: function.spec.id.clone(),
+                    function_name: function.record_name.clone(),
+                    function_id: function.record_id.clone(),
                     call_id: call_id.clone(),
                     method: req.method().clone(),
                     uri: req.uri().clone(),
                     started_us: (now_ns / 1_000) as i64,
                     duration: Duration::ZERO,
                     status: 0,
-                    endpoint: String::new(),
+                    endpoint: None,
                     request: captured,
                     response: Captured::default(),
                     failure: None,
@@ -307,16 +307,16 @@ impl Invoker {
         started: Instant,
         now_ns: u128,
         recording: Option<&Recording>,
-    ) -> Result<(Response<UpBody>, CallGuard, Pin<Box<Sleep>>), (Error, String)> {
+    ) -> Result<(Response<UpBody>, CallGuard, Pin<Box<Sleep>>), (Error, Option<Arc<str>>)> {
         let limit = self.limits.raw_body_bytes;
         if limit > 0 && content_length(req.headers()).is_some_and(|n| n > limit) {
-            return Err((self.too_large(function, limit, started), String::new()));
+            return Err((self.too_large(function, limit, started), None));
         }
         let deadline = started + function.timeout;
         let mut call = self
             .admit(function, started, deadline)
             .await
-            .map_err(|e| (e, String::new()))?;
+            .map_err(|e| (e, None))?;
 
         let start_time = HeaderValue::from(now_ns as u64);
         let (mut parts, body) = req.into_parts();
@@ -331,7 +331,7 @@ impl Invoker {
                 .await
             {
                 Ok(checked) => ReqBody::full(checked),
-                Err(e) => return Err((call.fail(e), String::new())),
+                Err(e) => return Err((call.fail(e), None)),
             },
         };
         let upstream_req = Request::from_parts(parts, body);
@@ -343,11 +343,7 @@ impl Invoker {
         {
             Ok(resp) => Ok((resp, call, timer)),
             Err(e) => {
-                let endpoint = call
-                    .endpoint
-                    .as_ref()
-                    .map(|p| p.origin.clone())
-                    .unwrap_or_default();
+                let endpoint = call.endpoint.as_ref().map(|p| p.origin.clone());
                 Err((e, endpoint))
             }
         }
@@ -500,7 +496,7 @@ impl Invoker {
             endpoint: call
                 .endpoint
                 .as_ref()
-                .map(|e| e.origin.clone())
+                .map(|e| e.origin.to_string())
                 .unwrap_or_default(),
             started_us,
             ..CallFacts::default()
@@ -682,7 +678,7 @@ impl Invoker {
                 Err(()) => {
                     return Err(call.fail(Error::Timeout {
                         function: function.spec.name.clone(),
-                        endpoint: endpoint.pool.origin.clone(),
+                        endpoint: endpoint.pool.origin.to_string(),
                         after_ms: function.timeout.as_millis() as u64,
                     }));
                 }
@@ -787,7 +783,7 @@ impl Invoker {
         }
         Error::Upstream {
             function: function.spec.name.clone(),
-            endpoint: endpoint.pool.origin.clone(),
+            endpoint: endpoint.pool.origin.to_string(),
             cause: error_chain(&*e),
         }
     }
@@ -827,11 +823,7 @@ impl Invoker {
         );
         let record = recording.map(|mut rec| {
             rec.call.status = call.code;
-            rec.call.endpoint = call
-                .endpoint
-                .as_ref()
-                .map(|p| p.origin.clone())
-                .unwrap_or_default();
+            rec.call.endpoint = call.endpoint.as_ref().map(|p| p.origin.clone());
             Box::new(rec)
         });
         let body = UpstreamBody {
@@ -857,7 +849,7 @@ impl Invoker {
         let endpoint = call
             .endpoint
             .as_ref()
-            .map(|e| e.origin.clone())
+            .map(|e| e.origin.to_string())
             .unwrap_or_default();
         let limit = self.limits.body_bytes;
         let read = tokio::select! {

@@ -62,7 +62,7 @@ impl Pools {
             .entry((target.origin.clone(), http2))
             .or_insert_with(|| {
                 Arc::new(HostPool {
-                    origin: target.origin.clone(),
+                    origin: target.origin.as_str().into(),
                     host: HeaderValue::from_str(&target.authority)
                         .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
                     connect_to: target.authority.clone(),
@@ -87,8 +87,9 @@ impl Pools {
 
 /// One endpoint: its idle connections, its in-flight count and its ejection state.
 pub struct HostPool {
-    /// `http://host:port`, for metrics, logs and errors.
-    pub origin: String,
+    /// `http://host:port`, for metrics, logs, errors and run records (shared, not copied,
+    /// by each recorded call).
+    pub origin: Arc<str>,
     /// The `Host` header sent upstream.
     pub host: HeaderValue,
     connect_to: String,

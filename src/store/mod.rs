@@ -3,6 +3,7 @@
 //! runs, base images, images and secrets live here; APIs and subscriptions will too. The
 //! hot path never queries the store: the registry and the catalog cache what it needs.
 
+pub mod calls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -150,6 +151,29 @@ pub trait Store: Send + Sync {
     /// Writes runs in one transaction. A run whose name is stored already is replaced, so
     /// writing the same run twice leaves one record.
     async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError>;
+    /// Writes run records and records of raw calls (see [`calls`]). The default writes
+    /// each call as a run of its own; a backend may keep calls packed instead, as long as
+    /// `get_run` and `list_runs` show them as runs.
+    async fn put_records(
+        &self,
+        runs: &[Run],
+        calls: &[calls::CallBatch],
+    ) -> Result<(), StoreError> {
+        let mut as_runs = Vec::new();
+        for batch in calls {
+            as_runs.extend(batch.to_runs().map_err(|e| {
+                StoreError::Backend(format!("unpacking the records of raw calls: {e}"))
+            })?);
+        }
+        match (runs.is_empty(), as_runs.is_empty()) {
+            (_, true) => self.put_runs(runs).await,
+            (true, false) => self.put_runs(&as_runs).await,
+            (false, false) => {
+                self.put_runs(runs).await?;
+                self.put_runs(&as_runs).await
+            }
+        }
+    }
     /// One run by name.
     async fn get_run(&self, name: &str) -> Result<Option<Run>, StoreError>;
     /// Runs matching `query`, newest first (start time, then name), at most `query.limit`.

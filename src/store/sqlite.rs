@@ -11,9 +11,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod calls;
+
+use super::calls::CallBatch;
 use super::{
-    CatalogKind, Claim, QueuedRun, RunQuery, Store, StoreError, run_started_us, tag_pattern,
-    tags_key,
+    CatalogKind, Claim, QueuedRun, RunPosition, RunQuery, Store, StoreError, run_started_us,
+    tag_pattern, tags_key,
 };
 use crate::model::{BaseImage, Function, Image, Run, Secret, Subscription};
 
@@ -60,6 +63,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX queue_due ON queue (not_before_us);",
     "CREATE TABLE subscriptions (name TEXT PRIMARY KEY, spec TEXT NOT NULL);",
+    // Raw-call records, packed: one row per function per write (see `sqlite/calls.rs`).
+    "CREATE TABLE call_batches (
+        id INTEGER PRIMARY KEY,
+        function_name TEXT NOT NULL,
+        first_us INTEGER NOT NULL,
+        last_us INTEGER NOT NULL,
+        calls INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        records BLOB NOT NULL
+    );
+    CREATE INDEX call_batches_by_last ON call_batches (last_us);
+    CREATE INDEX call_batches_by_function ON call_batches (function_name, last_us);",
 ];
 
 #[derive(Clone)]
@@ -208,6 +223,95 @@ impl SqliteStore {
     }
 }
 
+/// Removes the oldest runs and packed calls until at most `keep` are left: runs that
+/// started before the oldest batch of calls ended go first, then that batch, and so on (a
+/// batch goes whole, so a few more than needed may go).
+fn prune_beyond(conn: &Connection, keep: u64) -> Result<u64, StoreError> {
+    let runs: i64 = conn
+        .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0))
+        .map_err(backend)?;
+    let total = runs as u64 + calls::count(conn)?;
+    let mut excess = total.saturating_sub(keep);
+    let mut removed = 0;
+    while excess > 0 {
+        let oldest = calls::oldest(conn)?;
+        let bound = oldest.map_or(i64::MAX, |(_, last_us, _)| last_us);
+        let gone = conn
+            .execute(
+                "DELETE FROM runs WHERE name IN (SELECT name FROM runs WHERE started_us <= ?1
+                 ORDER BY started_us, name LIMIT ?2)",
+                params![bound, i64::try_from(excess).unwrap_or(i64::MAX)],
+            )
+            .map_err(backend)? as u64;
+        excess -= gone.min(excess);
+        removed += gone;
+        match oldest {
+            Some((id, _, calls)) if excess > 0 => {
+                calls::remove(conn, id)?;
+                excess = excess.saturating_sub(calls);
+                removed += calls;
+            }
+            _ => break,
+        }
+    }
+    Ok(removed)
+}
+
+/// A run as the `runs` table holds it.
+struct RunRow {
+    name: String,
+    function_name: String,
+    status: &'static str,
+    started_us: i64,
+    tags: String,
+    record: String,
+}
+
+impl RunRow {
+    fn of(run: &Run) -> Result<RunRow, StoreError> {
+        Ok(RunRow {
+            name: run.name.clone(),
+            function_name: run.function_name.clone(),
+            status: run.status.as_str(),
+            started_us: run_started_us(run),
+            tags: tags_key(run),
+            record: serde_json::to_string(run).map_err(backend)?,
+        })
+    }
+
+    /// Runs an `INSERT INTO runs` statement taking the columns in table order.
+    fn insert_with(&self, insert: &mut rusqlite::CachedStatement<'_>) -> Result<(), StoreError> {
+        insert
+            .execute(params![
+                self.name,
+                self.function_name,
+                self.status,
+                self.started_us,
+                self.tags,
+                self.record
+            ])
+            .map(drop)
+            .map_err(backend)
+    }
+}
+
+/// Writes runs, replacing those of the same names (inside the caller's transaction).
+fn upsert_runs(conn: &Connection, rows: &[RunRow]) -> Result<(), StoreError> {
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
+               status = excluded.status, started_us = excluded.started_us,
+               tags = excluded.tags, record = excluded.record",
+        )
+        .map_err(backend)?;
+    for r in rows {
+        r.insert_with(&mut insert)?;
+    }
+    Ok(())
+}
+
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(done) {
@@ -331,37 +435,16 @@ impl Store for SqliteStore {
     }
 
     async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
-        let rows = runs
-            .iter()
-            .map(|run| {
-                Ok((
-                    run.name.clone(),
-                    run.function_name.clone(),
-                    run.status.as_str(),
-                    run_started_us(run),
-                    tags_key(run),
-                    serde_json::to_string(run).map_err(backend)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.put_records(runs, &[]).await
+    }
+
+    async fn put_records(&self, runs: &[Run], calls: &[CallBatch]) -> Result<(), StoreError> {
+        let rows = runs.iter().map(RunRow::of).collect::<Result<Vec<_>, _>>()?;
+        let batches = calls.to_vec();
         self.with(move |conn| {
             let tx = conn.unchecked_transaction().map_err(backend)?;
-            {
-                let mut insert = tx
-                    .prepare_cached(
-                        "INSERT INTO runs (name, function_name, status, started_us, tags, record)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                         ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
-                           status = excluded.status, started_us = excluded.started_us,
-                           tags = excluded.tags, record = excluded.record",
-                    )
-                    .map_err(backend)?;
-                for row in &rows {
-                    insert
-                        .execute(params![row.0, row.1, row.2, row.3, row.4, row.5])
-                        .map_err(backend)?;
-                }
-            }
+            upsert_runs(&tx, &rows)?;
+            calls::insert(&tx, &batches)?;
             tx.commit().map_err(backend)
         })
         .await
@@ -376,9 +459,10 @@ impl Store for SqliteStore {
                 })
                 .optional()
                 .map_err(backend)?;
-            record
-                .map(|r| serde_json::from_str(&r).map_err(backend))
-                .transpose()
+            match record {
+                Some(r) => serde_json::from_str(&r).map(Some).map_err(backend),
+                None => calls::get(conn, &name),
+            }
         })
         .await
     }
@@ -423,8 +507,18 @@ impl Store for SqliteStore {
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))
                 .map_err(backend)?;
-            rows.map(|row| serde_json::from_str(&row.map_err(backend)?).map_err(backend))
-                .collect()
+            let runs = rows
+                .map(|row| serde_json::from_str(&row.map_err(backend)?).map_err(backend))
+                .collect::<Result<Vec<Run>, StoreError>>()?;
+            // The packed raw calls, merged in the same order.
+            let mut all: Vec<(RunPosition, Run)> = runs
+                .into_iter()
+                .map(|run| (RunPosition::of(&run), run))
+                .chain(calls::list(conn, &query)?)
+                .collect();
+            all.sort_by(|a, b| (b.0.started_us, &b.0.name).cmp(&(a.0.started_us, &a.0.name)));
+            all.truncate(query.limit as usize);
+            Ok(all.into_iter().map(|(_, run)| run).collect())
         })
         .await
     }
@@ -439,18 +533,13 @@ impl Store for SqliteStore {
             if let Some(before) = started_before_us {
                 removed += conn
                     .execute("DELETE FROM runs WHERE started_us < ?1", [before])
-                    .map_err(backend)?;
+                    .map_err(backend)? as u64;
+                removed += calls::prune_before(conn, before)?;
             }
             if let Some(keep) = keep {
-                removed += conn
-                    .execute(
-                        "DELETE FROM runs WHERE name IN (SELECT name FROM runs
-                         ORDER BY started_us DESC, name DESC LIMIT -1 OFFSET ?1)",
-                        [i64::try_from(keep).unwrap_or(i64::MAX)],
-                    )
-                    .map_err(backend)?;
+                removed += prune_beyond(conn, keep)?;
             }
-            Ok(removed as u64)
+            Ok(removed)
         })
         .await
     }
@@ -458,17 +547,7 @@ impl Store for SqliteStore {
     async fn enqueue_runs(&self, runs: &[(Run, QueuedRun)]) -> Result<(), StoreError> {
         let rows = runs
             .iter()
-            .map(|(run, queued)| {
-                Ok((
-                    run.name.clone(),
-                    run.function_name.clone(),
-                    run.status.as_str(),
-                    run_started_us(run),
-                    tags_key(run),
-                    serde_json::to_string(run).map_err(backend)?,
-                    queued.clone(),
-                ))
-            })
+            .map(|(run, queued)| Ok((RunRow::of(run)?, queued.clone())))
             .collect::<Result<Vec<_>, StoreError>>()?;
         self.with(move |conn| {
             let tx = conn.unchecked_transaction().map_err(backend)?;
@@ -486,10 +565,8 @@ impl Store for SqliteStore {
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     )
                     .map_err(backend)?;
-                for (name, function, status, started, tags, json, q) in &rows {
-                    record
-                        .execute(params![name, function, status, started, tags, json])
-                        .map_err(backend)?;
+                for (r, q) in &rows {
+                    r.insert_with(&mut record)?;
                     queue
                         .execute(params![
                             q.name,
@@ -598,27 +675,11 @@ impl Store for SqliteStore {
     }
 
     async fn finish_queued(&self, run: &Run, dead: bool) -> Result<(), StoreError> {
-        let (name, function, status, started, tags, json) = (
-            run.name.clone(),
-            run.function_name.clone(),
-            run.status.as_str(),
-            run_started_us(run),
-            tags_key(run),
-            serde_json::to_string(run).map_err(backend)?,
-        );
+        let row = RunRow::of(run)?;
+        let name = run.name.clone();
         self.with(move |conn| {
             let tx = conn.unchecked_transaction().map_err(backend)?;
-            tx.prepare_cached(
-                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
-                   status = excluded.status, started_us = excluded.started_us,
-                   tags = excluded.tags, record = excluded.record",
-            )
-            .and_then(|mut insert| {
-                insert.execute(params![name, function, status, started, tags, json])
-            })
-            .map_err(backend)?;
+            upsert_runs(&tx, std::slice::from_ref(&row))?;
             let leave = if dead {
                 "UPDATE queue SET dead = 1, held_until_us = 0 WHERE name = ?1"
             } else {

@@ -28,14 +28,26 @@ pub struct Config {
     pub auth: AuthConfig,
 }
 
-/// Who may use the control API (`/v1/*`): see [`crate::auth`].
-#[derive(Debug, Clone, Deserialize)]
+/// Who may use the control API (`/v1/*`): see [`crate::auth`]. Its `Debug` hides the
+/// tokens, so printing a [`Config`] never shows one.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub skip: bool,
     pub token: String,
     pub tokens: Vec<String>,
     pub token_file: PathBuf,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("skip", &self.skip)
+            .field("token", &(!self.token.is_empty()).then_some("<hidden>"))
+            .field("tokens", &format_args!("<{} hidden>", self.tokens.len()))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 /// Async runs: where they wait, how many run at once, how failures are tried again.
@@ -497,5 +509,9 @@ mod tests {
         assert_eq!(c.auth.tokens, ["old-one", "new-one"]);
         assert!(!c.auth.skip);
         assert_eq!(Config::defaults().auth.token, "");
+        assert!(
+            !format!("{c:?}").contains("old-one"),
+            "Debug hides the tokens"
+        );
     }
 }

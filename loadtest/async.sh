@@ -44,9 +44,12 @@ C
 
 GW=$(port)
 BASE="http://127.0.0.1:$GW"
+# The control API's token (a token of our own: nothing is written into ~/.dispatch).
+export DISPATCH_AUTH_TOKEN="loadtest-$RANDOM$RANDOM$RANDOM"
 RUST_LOG=warn "$DISPATCH_BIN" serve --listen "127.0.0.1:$GW" --data-dir "$TMP/data" >"$TMP/gw.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do curl -sf "$BASE/healthz" >/dev/null && break; sleep 0.1; done
 curl -sf -o /dev/null -X POST "$BASE/v1/function" -H 'content-type: application/json' \
+  -H "Authorization: Bearer $DISPATCH_AUTH_TOKEN" \
   -d "{\"name\":\"fast\",\"upstream\":{\"driver\":\"static\",\"endpoints\":[\"http://127.0.0.1:$UP\"],\"protocol\":\"raw\"}}" \
   || die "registering the function failed: $(tail -5 "$TMP/gw.log")"
 

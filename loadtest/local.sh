@@ -36,6 +36,8 @@ trap cleanup EXIT
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 BASE="http://127.0.0.1:$PORT"
+# The control API's token (a token of our own: nothing is written into ~/.dispatch).
+export DISPATCH_AUTH_TOKEN="loadtest-$RANDOM$RANDOM$RANDOM"
 RUST_LOG=info "$DISPATCH_BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" --log-format json \
   >"$TMP/gw.log" 2>&1 &
 GW_PID=$!
@@ -44,11 +46,12 @@ curl -sf "$BASE/healthz" >/dev/null || die "gateway did not start: $(tail -20 "$
 
 # The first call of new functions, and their registration, timed from outside as a user sees them.
 FIRST=$(python3 - "$BASE" "$REPO_ROOT/examples/python3/hello.py" "$FIRST_CALLS" <<'PY'
-import base64, io, json, sys, tarfile, time, urllib.request
+import base64, io, json, os, sys, tarfile, time, urllib.request
 base, hello, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+auth = "Bearer " + os.environ["DISPATCH_AUTH_TOKEN"]
 def call(method, path, body=None):
     req = urllib.request.Request(base + path, method=method, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": auth})
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read() or b"null")
 call("POST", "/v1/baseimage", {"name": "python3-base", "language": "python3"})
@@ -82,6 +85,7 @@ log "create -> READY: median $READY_MED ms; first call: median $FIRST_MED ms"
 cat >"$TMP/run.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("DISPATCH_AUTH_TOKEN")
 wrk.body = os.getenv("BODY")
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %.0f %d %d %d\n", summary.requests, summary.requests / (summary.duration / 1e6),

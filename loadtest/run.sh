@@ -370,7 +370,9 @@ target_gateway() {
   free_port port
   base="http://127.0.0.1:$port"
   mkdir -p "$TMP/gw-data"
-  RUST_LOG=warn taskset -c "$PROXY_CPU" "$DISPATCH_BIN" serve --listen "127.0.0.1:$port" --data-dir "$TMP/gw-data" \
+  # The control API's token (a token of our own: nothing is written into ~/.dispatch).
+  local token="loadtest-$RANDOM$RANDOM$RANDOM"
+  DISPATCH_AUTH_TOKEN=$token RUST_LOG=warn taskset -c "$PROXY_CPU" "$DISPATCH_BIN" serve --listen "127.0.0.1:$port" --data-dir "$TMP/gw-data" \
     >"$TMP/gw.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
@@ -384,7 +386,7 @@ target_gateway() {
     record=none
     [[ $fn == echo-rec ]] && record=all
     code=$(curl -s -o "$TMP/gw-register.json" -w '%{http_code}' --max-time 10 -X POST "$base/v1/function" \
-      -H 'Content-Type: application/json' \
+      -H 'Content-Type: application/json' -H "Authorization: Bearer $token" \
       -d '{"name":"'"$fn"'","record":"'"$record"'","upstream":{"driver":"static","endpoints":["http://127.0.0.1:'"$UP_PORT"'"],"protocol":"raw"}}') || true
     [[ $code == 201 ]] || die "registering function $fn: expected 201, got '$code': $(cat "$TMP/gw-register.json" 2>/dev/null)"
     check_body "$base/function/$fn"

@@ -25,6 +25,29 @@ pub struct Config {
     pub local: LocalConfig,
     pub runtimes: RuntimesConfig,
     pub queue: QueueConfig,
+    pub auth: AuthConfig,
+}
+
+/// Who may use the control API (`/v1/*`): see [`crate::auth`]. Its `Debug` hides the
+/// tokens, so printing a [`Config`] never shows one.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub skip: bool,
+    pub token: String,
+    pub tokens: Vec<String>,
+    pub token_file: PathBuf,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("skip", &self.skip)
+            .field("token", &(!self.token.is_empty()).then_some("<hidden>"))
+            .field("tokens", &format_args!("<{} hidden>", self.tokens.len()))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 /// Async runs: where they wait, how many run at once, how failures are tried again.
@@ -209,6 +232,7 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(Value::Table(merged))
             .map_err(|e| ConfigError(format!("{}: {}", e.path(), e.inner().message())))?;
         config.server.data_dir = expand_home(&config.server.data_dir);
+        config.auth.token_file = expand_home(&config.auth.token_file);
         config.validate()?;
         Ok(config)
     }
@@ -316,7 +340,8 @@ fn merge(into: &mut Table, from: Table, prefix: &str, file: &Path) -> Result<(),
 }
 
 /// `DISPATCH_<SECTION>_<KEY>` for every key of the defaults, plus the short forms
-/// `DISPATCH_LISTEN` and `DISPATCH_DATA_DIR`. A value is read as the type of the default.
+/// `DISPATCH_LISTEN` and `DISPATCH_DATA_DIR`. A value is read as the type of the default
+/// (a list: comma-separated).
 fn apply_env(
     merged: &mut Table,
     env: impl Iterator<Item = (String, String)>,
@@ -354,6 +379,13 @@ fn apply_env(
                     "{name}: {section}.{key} must be true or false, got \"{raw}\""
                 ))
             })?),
+            Value::Array(_) => Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| Value::String(item.to_string()))
+                    .collect(),
+            ),
             _ => Value::String(raw),
         };
     }
@@ -461,5 +493,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("openfaas"), "{e}");
+    }
+
+    #[test]
+    fn auth_tokens_come_from_the_environment_as_a_comma_separated_list() {
+        let c = Config::load(
+            None,
+            &Overrides::default(),
+            env(&[
+                ("DISPATCH_AUTH_TOKENS", "old-one, new-one,"),
+                ("DISPATCH_AUTH_SKIP", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.auth.tokens, ["old-one", "new-one"]);
+        assert!(!c.auth.skip);
+        assert_eq!(Config::defaults().auth.token, "");
+        assert!(
+            !format!("{c:?}").contains("old-one"),
+            "Debug hides the tokens"
+        );
     }
 }

@@ -15,6 +15,13 @@ use crate::body::RespBody;
 pub enum Error {
     #[error("{0}")]
     BadRequest(String),
+    /// No credentials, or wrong ones. `challenge` becomes the `WWW-Authenticate` header
+    /// (RFC 6750: `Bearer realm="dispatch"`, with `error="invalid_token"` for a wrong one).
+    #[error("{message}")]
+    Unauthorized {
+        message: String,
+        challenge: &'static str,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -58,6 +65,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict(_) => StatusCode::CONFLICT,
@@ -76,6 +84,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::BadRequest(_) => "bad-request",
+            Error::Unauthorized { .. } => "unauthorized",
             Error::NotFound(_) => "not-found",
             Error::MethodNotAllowed(_) => "method-not-allowed",
             Error::Conflict(_) => "conflict",
@@ -90,8 +99,8 @@ impl Error {
         }
     }
 
-    /// The HTTP response a caller sees: status, `X-Dispatch-Error`, `Retry-After` where it
-    /// applies, and the Dispatch error body.
+    /// The HTTP response a caller sees: status, `X-Dispatch-Error`, `Retry-After` and
+    /// `WWW-Authenticate` where they apply, and the Dispatch error body.
     pub fn into_response(self) -> http::Response<RespBody> {
         let status = self.status();
         let body = serde_json::json!({ "code": status.as_u16(), "message": self.to_string() });
@@ -101,6 +110,12 @@ impl Error {
         if let Error::TooManyRequests { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1);
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Error::Unauthorized { challenge, .. } = &self {
+            headers.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         resp
     }

@@ -80,10 +80,19 @@ impl Server {
         if let Some(changes) = store.watch_functions() {
             tokio::spawn(registry.clone().follow(store.clone(), changes));
         }
+        let (auth, kept_token) =
+            crate::auth::ControlAuth::load(&config.auth, &config.server.data_dir)
+                .map_err(StartError)?;
         let listen = config.server.listen;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| StartError(format!("server.listen: cannot listen on {listen}: {e}")))?;
+        if let Some(kept) = kept_token {
+            let bound = listener
+                .local_addr()
+                .map_err(|e| StartError(format!("server.listen: {e}")))?;
+            kept.share_with_cli(bound);
+        }
 
         let (recorder, writer) = Recorder::start(store.clone(), &config.records, metrics.records());
         records::spawn_retention(store.clone(), &config.records);
@@ -106,6 +115,7 @@ impl Server {
             queue_wake: tokio::sync::Notify::new(),
             submitter,
             queue_running: dashmap::DashSet::new(),
+            auth,
             accepting: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
         });

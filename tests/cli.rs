@@ -96,11 +96,11 @@ impl Shell {
         }
     }
 
-    /// Runs `dispatch ARGS --port <the gateway's>`.
+    /// Runs `dispatch ARGS --port <the gateway's> --token <the harness's>`.
     async fn at(&self, gw: SocketAddr, args: &[&str]) -> Outcome {
         let port = gw.port().to_string();
         let mut all = args.to_vec();
-        all.extend(["--port", &port]);
+        all.extend(["--port", &port, "--token", TOKEN]);
         self.run(&all).await
     }
 }

@@ -1,7 +1,9 @@
 //! The README's quickstart, run as a user runs it: a gateway on its embedded defaults (a
 //! data dir and port of its own), then exactly the README's `dispatch` commands with the
-//! built binary, against `examples/seed.yaml`. The port reaches the CLI the way a user
-//! would set it: `~/.dispatch/config.json` (in a HOME of the test's own).
+//! built binary, against `examples/seed.yaml`. The gateway's address and its control API
+//! token reach the CLI as they reach a user's: the gateway's first start writes them into
+//! `~/.dispatch/config.json` (in a HOME of the test's own, shared by both), with no step
+//! in between.
 
 mod common;
 
@@ -41,17 +43,21 @@ impl Shell {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_quickstart_works_as_written() {
-    let gw = Gateway::start().await;
     let shell = Shell {
         home: tempfile::tempdir().unwrap(),
     };
-    let config = shell.home.path().join(".dispatch");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(
-        config.join("config.json"),
-        json!({"host": "127.0.0.1", "port": gw.addr.port()}).to_string(),
-    )
-    .unwrap();
+    let home = shell.home.path().to_str().unwrap();
+    // No token configured (the harness's is taken away) and the CLI configuration found
+    // through HOME, as for `dispatch serve` with nothing set.
+    let gw = Gateway::start_with(&[
+        ("DISPATCH_AUTH_TOKEN", ""),
+        ("DISPATCH_CONFIG", ""),
+        ("HOME", home),
+    ])
+    .await;
+    let written = shell.home.path().join(".dispatch").join("config.json");
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
+    assert_eq!(written["port"], gw.addr.port(), "{written}");
 
     let (code, out, err) = shell.run(&["create", "--file", "examples/seed.yaml"]).await;
     assert_eq!(code, 0, "create --file:\n{out}\n{err}");

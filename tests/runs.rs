@@ -242,7 +242,8 @@ const SIX_MIB: usize = 6 * 1024 * 1024;
 
 fn run_head(gw: &Gateway, extra: &str) -> String {
     format!(
-        "POST /v1/runs?functionName=hello HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n{extra}\r\n",
+        "POST /v1/runs?functionName=hello HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\n{extra}\r\n",
         gw.addr
     )
 }

@@ -1,6 +1,7 @@
 //! The HTTP surface of the control/exec listener: one router that sends each request to its
 //! handler. `/function/*` goes straight to the invoker; `/v1/*` is the Dispatch API;
-//! `/healthz`, `/readyz` and `/metrics` are for operators.
+//! `/healthz`, `/readyz` and `/metrics` are for operators. Only `/v1/*` asks for a token
+//! (see auth.rs).
 
 mod events;
 mod functions;
@@ -42,6 +43,8 @@ pub struct App {
     pub submitter: crate::queue::Submitter,
     /// The async runs this gateway's workers are running, by name.
     pub queue_running: dashmap::DashSet<String>,
+    /// Who may use the control API (`/v1/*`).
+    pub auth: crate::auth::ControlAuth,
     /// True while the listener accepts connections (for `/readyz`).
     pub accepting: AtomicBool,
     /// Serializes the control API's writes (store, then registry), so that a PUT and a
@@ -69,6 +72,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
 /// The Dispatch API and the operator endpoints.
 async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Response<RespBody> {
     let path = uri.path();
+    if crate::auth::protects(path)
+        && let Err(e) = app.auth.check(req.headers())
+    {
+        return e.into_response();
+    }
     let method = req.method().clone();
     let result = match path {
         "/healthz" => Ok(health::healthz()),

@@ -70,8 +70,10 @@ pub struct ConnArgs {
     /// Sent as X-Dispatch-Org [default: dispatch].
     #[arg(long, global = true)]
     pub organization: Option<String>,
-    /// Sent as `Authorization: Bearer <token>`.
-    #[arg(long, global = true)]
+    /// The gateway's control API token, sent as `Authorization: Bearer <token>`
+    /// [default: the configuration's "token", which `dispatch serve` writes there on its
+    /// first start].
+    #[arg(long, env = "DISPATCH_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
 }
 
@@ -184,7 +186,7 @@ impl Reply {
         }
         let parsed = serde_json::from_slice::<Body>(&self.body).ok();
         let text = String::from_utf8_lossy(&self.body).trim().to_string();
-        let message = parsed
+        let mut message = parsed
             .as_ref()
             .and_then(|b| b.message.clone())
             .or_else(|| (!text.is_empty()).then_some(text))
@@ -194,6 +196,13 @@ impl Reply {
                     .unwrap_or("error")
                     .to_string()
             });
+        if self.status == StatusCode::UNAUTHORIZED {
+            message.push_str(
+                " (give the gateway's token with --token, DISPATCH_TOKEN or \"token\" in \
+                 ~/.dispatch/config.json; `dispatch serve` keeps the one it made in \
+                 <data_dir>/token)",
+            );
+        }
         Some(CliError::Api {
             code: parsed.and_then(|b| b.code).unwrap_or(self.status.as_u16()),
             message,

@@ -3,6 +3,11 @@
 //! a small HTTP/1.1 client ([`request`], [`Connection`]) and a reader for `/metrics`
 //! ([`Metrics`]). Every test owns its ports and temp dirs, so tests run in parallel.
 //!
+//! Auth is on, as in production: every gateway starts with the control API token [`TOKEN`]
+//! (`DISPATCH_AUTH_TOKEN`, which a test may override), and the harness's clients add
+//! `Authorization: Bearer TOKEN` to every `/v1/*` request that has none ([`authorize`], the
+//! one place). [`raw_exchange`] sends its hand-written head as is.
+//!
 //! Each test file compiles this module on its own and uses part of it.
 #![allow(dead_code)]
 
@@ -32,6 +37,20 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+
+/// The control API token of the harness's gateways (and of [`dispatch_cli`]).
+pub const TOKEN: &str = "harness-control-api-token";
+
+/// Adds `Authorization: Bearer TOKEN` to a control API request (`/v1/*`) that carries no
+/// `Authorization` of its own.
+pub fn authorize(path: &str, headers: &mut HeaderMap) {
+    if (path == "/v1" || path.starts_with("/v1/"))
+        && !headers.contains_key(http::header::AUTHORIZATION)
+    {
+        let bearer = format!("Bearer {TOKEN}").parse().expect("a header value");
+        headers.insert(http::header::AUTHORIZATION, bearer);
+    }
+}
 
 /// Upper bound for anything a test waits on, so a bug shows as a failure, not a hang.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -258,7 +277,9 @@ fn spawn_blocking(
             cmd.env_remove(name);
         }
     }
-    cmd.env("RUST_LOG", "warn");
+    cmd.env("RUST_LOG", "warn")
+        .env("DISPATCH_AUTH_TOKEN", TOKEN)
+        .env("DISPATCH_CONFIG", dir.join("cli-config.json"));
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -314,6 +335,8 @@ pub fn start_failing(env: &[(&str, &str)]) -> (ExitStatus, String) {
             cmd.env_remove(name);
         }
     }
+    cmd.env("DISPATCH_AUTH_TOKEN", TOKEN)
+        .env("DISPATCH_CONFIG", dir.path().join("cli-config.json"));
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -438,6 +461,8 @@ where
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
+        let path = req.uri().path().to_string();
+        authorize(&path, req.headers_mut());
         if !req.headers().contains_key(http::header::HOST) {
             req.headers_mut()
                 .insert(http::header::HOST, addr.to_string().parse().unwrap());
@@ -503,12 +528,13 @@ impl Connection {
     }
 
     pub async fn request(&mut self, method: Method, path: &str, body: Bytes) -> Reply {
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(http::header::HOST, self.addr.to_string())
             .body(Full::new(body))
             .expect("request");
+        authorize(path, req.headers_mut());
         let work = async {
             self.sender.ready().await.expect("connection still open");
             let resp = self.sender.send_request(req).await.expect("response");
@@ -1172,13 +1198,25 @@ pub async fn run_finished(gw: &Gateway, name: &str, within: Duration) -> Value {
 }
 
 /// Runs the `dispatch` client with `args` (in a HOME of its own, so no real config.json
-/// is read): its exit code, and its stdout then stderr.
+/// is read, and with the harness's [`TOKEN`]): its exit code, and its stdout then stderr.
 pub async fn dispatch_cli(args: &[&str]) -> (i32, String) {
     let home = tempfile::tempdir().unwrap();
+    dispatch_cli_in(home.path(), &[("DISPATCH_TOKEN", TOKEN)], args).await
+}
+
+/// Runs the `dispatch` client with `args`, HOME `home` and `env`, and none of the test
+/// process's `DISPATCH_*` variables: its exit code, and its stdout then stderr.
+pub async fn dispatch_cli_in(home: &Path, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dispatch"));
-    cmd.args(args)
-        .env("HOME", home.path())
-        .env_remove("DISPATCH_CONFIG");
+    cmd.args(args).env("HOME", home).stdin(Stdio::null());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("DISPATCH_") {
+            cmd.env_remove(name);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();

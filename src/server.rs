@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, App};
 use crate::config::Config;
+use crate::drivers::kube::KubeClient;
 use crate::drivers::local::LocalFiles;
 use crate::invoke::Invoker;
 use crate::invoke::headers::Peer;
@@ -79,6 +80,16 @@ impl Server {
         }
         if let Some(changes) = store.watch_functions() {
             tokio::spawn(registry.clone().follow(store.clone(), changes));
+        }
+        if let Some(discovery) = registry.discovery() {
+            let client =
+                KubeClient::new(&config.openfaas, |k| std::env::var(k).ok()).map_err(StartError)?;
+            let registry = registry.clone();
+            tokio::spawn(discovery.run(
+                client,
+                config.openfaas.namespace.clone(),
+                move |services| registry.repoint(services),
+            ));
         }
         let listen = config.server.listen;
         let listener = TcpListener::bind(listen)

@@ -13,7 +13,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -276,26 +275,6 @@ async fn endpoints(gw: &Gateway) -> f64 {
         .value("gateway_service_count", &[("function_name", "hello")])
 }
 
-/// Waits until `check` holds on what `probe` gives; panics after [`PATIENCE`].
-async fn until<T: std::fmt::Debug, F: Future<Output = T>>(
-    what: &str,
-    mut probe: impl FnMut() -> F,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let seen = probe().await;
-        if check(&seen) {
-            return seen;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: never seen (last: {seen:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_follow_pods_added_and_removed_while_they_flow() {
     let api = Api::start().await;
@@ -314,8 +293,8 @@ async fn calls_follow_pods_added_and_removed_while_they_flow() {
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(api_addr(&api), service.addr, &dir).await;
 
-    until("the two ready pods", || endpoints(&gw), |n| *n == 2.0).await;
-    until(
+    until_seen("the two ready pods", || endpoints(&gw), |n| *n == 2.0).await;
+    until_seen(
         "a second list after 410 Gone, then a watch",
         || async { api.watches() },
         |n| *n >= 2,
@@ -376,16 +355,16 @@ async fn calls_follow_pods_added_and_removed_while_they_flow() {
     }
 
     api.put_pod("hello-d", "hello", d.addr, true);
-    until("pod d added", || endpoints(&gw), |n| *n == 3.0).await;
-    until("pod d receives calls", || async { d.calls() }, |n| *n > 10).await;
+    until_seen("pod d added", || endpoints(&gw), |n| *n == 3.0).await;
+    until_seen("pod d receives calls", || async { d.calls() }, |n| *n > 10).await;
 
     api.delete_slice("hello-a");
-    until("pod a removed", || endpoints(&gw), |n| *n == 2.0).await;
+    until_seen("pod a removed", || endpoints(&gw), |n| *n == 2.0).await;
     removed.store(true, Ordering::SeqCst);
     let after = |answers: &Mutex<Vec<(bool, String)>>| {
         answers.lock().unwrap().iter().filter(|(r, _)| *r).count()
     };
-    until(
+    until_seen(
         "calls after the removal",
         || async { after(&answers) },
         |n| *n >= 200,
@@ -419,7 +398,7 @@ async fn calls_follow_pods_added_and_removed_while_they_flow() {
     api.delete_slice("hello-b");
     api.delete_slice("hello-c");
     api.delete_slice("hello-d");
-    until(
+    until_seen(
         "fallback to the service",
         || call(&gw),
         |who| who == "service",
@@ -441,7 +420,7 @@ async fn calls_go_to_the_service_while_the_api_is_unreachable() {
     for _ in 0..20 {
         assert_eq!(call(&gw).await, "service");
     }
-    until(
+    until_seen(
         "a warning that the API is unreachable",
         || async { gw.log() },
         |log| log.contains("Kubernetes API unreachable"),
@@ -451,7 +430,7 @@ async fn calls_go_to_the_service_while_the_api_is_unreachable() {
     // The API comes up: the gateway's retry finds it and the pod.
     let api = Api::start_at(api_addr).await;
     api.put_pod("hello-1", "hello", pod.addr, true);
-    until(
+    until_seen(
         "calls to the discovered pod",
         || call(&gw),
         |who| who == "pod",

@@ -42,7 +42,8 @@ pub struct App {
     pub submitter: crate::queue::Submitter,
     /// The async runs this gateway's workers are running, by name.
     pub queue_running: dashmap::DashSet<String>,
-    /// True while the listener accepts connections (for `/readyz`).
+    /// True until shutdown starts: `/readyz` answers 503 and the queue workers take no
+    /// new runs from then on.
     pub accepting: AtomicBool,
     /// Serializes the control API's writes (store, then registry), so that a PUT and a
     /// DELETE of one function racing each other cannot leave the two disagreeing.

@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,29 @@ struct Api(Arc<Mutex<ApiState>>);
 
 impl Api {
     async fn start_at(addr: SocketAddr) -> Api {
+        Self::serve(addr, None).await
+    }
+
+    /// Serves HTTPS with a certificate for 127.0.0.1 that `ca` signed.
+    async fn start_tls(ca: &TestCa) -> Api {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca.0)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::serve("127.0.0.1:0".parse().unwrap(), Some(acceptor)).await
+    }
+
+    async fn serve(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Api {
         let listener = TcpListener::bind(addr)
             .await
             .expect("binding the API address");
@@ -100,14 +124,22 @@ impl Api {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(state.answer(req)) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
@@ -437,6 +469,93 @@ async fn calls_go_to_the_service_while_the_api_is_unreachable() {
     )
     .await;
     assert_eq!(endpoints(&gw).await, 1.0);
+}
+
+/// A cluster CA: what signs the API server's certificate; its PEM goes in `ca.crt`.
+struct TestCa(rcgen::CertifiedIssuer<'static, rcgen::KeyPair>);
+
+impl TestCa {
+    fn new(dir: &Path) -> (TestCa, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test cluster CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let path = dir.join("ca.crt");
+        std::fs::write(&path, ca.pem()).unwrap();
+        (TestCa(ca), path)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_cluster_the_api_is_reached_over_https_trusting_the_cluster_ca_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, ca_file) = TestCa::new(dir.path());
+    let api = Api::start_tls(&ca).await;
+    let pod = Pod::start("pod").await;
+    let service = Pod::start("service").await;
+    api.put_pod("hello-1", "hello", pod.addr, true);
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let port = api_addr(&api).port().to_string();
+    let in_cluster = |ca: &Path| {
+        vec![
+            (
+                "DISPATCH_OPENFAAS_GATEWAY".to_string(),
+                format!("http://{}", service.addr),
+            ),
+            (
+                "DISPATCH_OPENFAAS_DISCOVERY".into(),
+                "endpointslices".into(),
+            ),
+            ("DISPATCH_OPENFAAS_NAMESPACE".into(), NAMESPACE.into()),
+            (
+                "DISPATCH_OPENFAAS_KUBE_TOKEN_FILE".into(),
+                token.display().to_string(),
+            ),
+            (
+                "DISPATCH_OPENFAAS_KUBE_CA_FILE".into(),
+                ca.display().to_string(),
+            ),
+            ("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()),
+            ("KUBERNETES_SERVICE_PORT".into(), port.clone()),
+        ]
+    };
+    let start = |env: Vec<(String, String)>| async move {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let gw = Gateway::start_with(&env).await;
+        gw.register(
+            &json!({"name": "hello", "upstream": {"driver": "openfaas", "protocol": "raw"}}),
+        )
+        .await;
+        gw
+    };
+
+    let gw = start(in_cluster(&ca_file)).await;
+    until_seen("calls to the pod", || call(&gw), |who| who == "pod").await;
+    assert!(
+        api.requests()
+            .iter()
+            .all(|(_, auth)| auth.as_deref() == Some(&format!("Bearer {TOKEN}"))),
+        "{:?}",
+        api.requests()
+    );
+
+    // A gateway that trusts another CA refuses the server, and keeps to the service.
+    let other = tempfile::tempdir().unwrap();
+    let (_, other_ca) = TestCa::new(other.path());
+    let distrustful = start(in_cluster(&other_ca)).await;
+    until_seen(
+        "a warning naming the TLS failure",
+        || async { distrustful.log() },
+        |log| log.contains("Kubernetes API unreachable") && log.contains("TLS handshake"),
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(call(&distrustful).await, "service");
+    }
 }
 
 fn api_addr(api: &Api) -> SocketAddr {

@@ -506,4 +506,35 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("openfaas"), "{e}");
     }
+
+    #[test]
+    fn discovery_settings_load_and_bad_ones_name_their_key() {
+        let c = Config::defaults();
+        assert_eq!(c.openfaas.discovery, DiscoveryMode::Off);
+        assert_eq!(c.server.shutdown_delay_seconds, 0);
+        let c = Config::load(
+            None,
+            &Overrides::default(),
+            env(&[
+                ("DISPATCH_OPENFAAS_DISCOVERY", "endpointslices"),
+                ("DISPATCH_OPENFAAS_KUBE_API", "http://127.0.0.1:8001"),
+                ("DISPATCH_SERVER_SHUTDOWN_DELAY_SECONDS", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.openfaas.discovery, DiscoveryMode::Endpointslices);
+        assert_eq!(c.openfaas.kube_api, "http://127.0.0.1:8001");
+        assert_eq!(c.server.shutdown_delay_seconds, 5);
+        for (name, value, key) in [
+            ("DISPATCH_OPENFAAS_DISCOVERY", "yes", "openfaas.discovery"),
+            (
+                "DISPATCH_OPENFAAS_KUBE_API",
+                "kube:6443",
+                "openfaas.kube_api",
+            ),
+        ] {
+            let e = Config::load(None, &Overrides::default(), env(&[(name, value)])).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+    }
 }

@@ -100,6 +100,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub workers: usize,
     pub drain_seconds: u64,
+    /// On SIGTERM, how long the listener keeps accepting (with `/readyz` answering 503)
+    /// before it closes: time for load balancers and Kubernetes to take this replica out.
+    pub shutdown_delay_seconds: u64,
     pub log_format: LogFormat,
 }
 
@@ -156,6 +159,27 @@ pub struct RecordsConfig {
 pub struct OpenfaasConfig {
     pub gateway: String,
     pub service: String,
+    /// Pod discovery: calls go to the ready pods of each function's service, as the
+    /// Kubernetes API's EndpointSlices list them (see `drivers::discovery`).
+    pub discovery: DiscoveryMode,
+    /// The namespace of the function services whose EndpointSlices are watched.
+    pub namespace: String,
+    /// The Kubernetes API, `https://host:port` or `http://host:port`; empty: in the
+    /// cluster, from `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`.
+    pub kube_api: String,
+    /// The service account token sent to the API (read again on each request, as it rotates).
+    pub kube_token_file: PathBuf,
+    /// The CA that signs the API server's certificate (https only).
+    pub kube_ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// One target per function: the OpenFaaS gateway or the function's service.
+    Off,
+    /// The ready addresses of the function service's EndpointSlices (discovery.k8s.io/v1).
+    Endpointslices,
 }
 
 /// The interpreters of the local runtimes: a command looked up on `PATH`, or a path. An
@@ -306,6 +330,26 @@ impl Config {
             }
         } else if let Err(why) = crate::drivers::parse_endpoint_url(gateway) {
             return bad("openfaas.gateway", &format!("\"{gateway}\" {why}"));
+        }
+        let kube_api = &self.openfaas.kube_api;
+        if !kube_api.is_empty()
+            && !kube_api.starts_with("http://")
+            && !kube_api.starts_with("https://")
+        {
+            return bad(
+                "openfaas.kube_api",
+                &format!(
+                    "\"{kube_api}\" must be empty (in the cluster) or an http:// or https:// URL"
+                ),
+            );
+        }
+        if self.openfaas.discovery == DiscoveryMode::Endpointslices
+            && self.openfaas.namespace.is_empty()
+        {
+            return bad(
+                "openfaas.namespace",
+                "must name the namespace of the function services",
+            );
         }
         Ok(())
     }
@@ -513,5 +557,36 @@ mod tests {
             !format!("{c:?}").contains("old-one"),
             "Debug hides the tokens"
         );
+    }
+
+    #[test]
+    fn discovery_settings_load_and_bad_ones_name_their_key() {
+        let c = Config::defaults();
+        assert_eq!(c.openfaas.discovery, DiscoveryMode::Off);
+        assert_eq!(c.server.shutdown_delay_seconds, 0);
+        let c = Config::load(
+            None,
+            &Overrides::default(),
+            env(&[
+                ("DISPATCH_OPENFAAS_DISCOVERY", "endpointslices"),
+                ("DISPATCH_OPENFAAS_KUBE_API", "http://127.0.0.1:8001"),
+                ("DISPATCH_SERVER_SHUTDOWN_DELAY_SECONDS", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.openfaas.discovery, DiscoveryMode::Endpointslices);
+        assert_eq!(c.openfaas.kube_api, "http://127.0.0.1:8001");
+        assert_eq!(c.server.shutdown_delay_seconds, 5);
+        for (name, value, key) in [
+            ("DISPATCH_OPENFAAS_DISCOVERY", "yes", "openfaas.discovery"),
+            (
+                "DISPATCH_OPENFAAS_KUBE_API",
+                "kube:6443",
+                "openfaas.kube_api",
+            ),
+        ] {
+            let e = Config::load(None, &Overrides::default(), env(&[(name, value)])).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::invoke::balance::Endpoint;
 use crate::invoke::limit::Limiter;
 use crate::invoke::pool::Pools;
 use crate::metrics::{FunctionMetrics, Metrics};
-use crate::model::{Function, Protocol, RecordMode, Status};
+use crate::model::{DriverKind, Function, Protocol, RecordMode, Status};
 use crate::schema::Schema;
 use crate::store::{FunctionChange, Store};
 
@@ -194,9 +194,24 @@ impl Registry {
 
     /// Publishes an entry; calls that already hold the old one finish on it.
     pub fn insert(&self, entry: FunctionEntry) {
+        let service = self.discovered_service(&entry.spec).map(str::to_string);
         self.functions
             .insert(entry.spec.name.clone(), Arc::new(entry));
         self.pools.sweep();
+        // The entry was built from the pods known then; if pod discovery changed them
+        // before it was published, its change passed this function by: catch up.
+        if let Some(service) = service {
+            self.repoint(&[service]);
+        }
+    }
+
+    /// The service whose pods `function` goes to, when pod discovery is on and it is on
+    /// the `openfaas` driver.
+    fn discovered_service<'a>(&self, function: &'a Function) -> Option<&'a str> {
+        self.drivers.discovery()?;
+        let upstream = function.upstream.as_ref()?;
+        (upstream.driver == DriverKind::Openfaas)
+            .then(|| crate::drivers::openfaas_service(function, upstream))
     }
 
     /// Unpublishes a function and closes the pools no function uses any more (those of
@@ -257,6 +272,51 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// What pod discovery knows, when `openfaas.discovery` is on.
+    pub fn discovery(&self) -> Option<Arc<crate::drivers::discovery::Discovery>> {
+        self.drivers.discovery().cloned()
+    }
+
+    /// Rebuilds the endpoints of the `openfaas` functions behind `services`, whose ready
+    /// pods changed (pod discovery). Calls that already hold the old entry finish on it;
+    /// an entry replaced meanwhile (by the control API) is left as it is, since it was
+    /// built from the pods as they are now.
+    pub fn repoint(&self, services: &[String]) {
+        if services.is_empty() {
+            return;
+        }
+        let affected: Vec<Arc<FunctionEntry>> = self
+            .functions
+            .iter()
+            .filter(|e| {
+                self.discovered_service(&e.spec)
+                    .is_some_and(|service| services.iter().any(|s| s == service))
+            })
+            .map(|e| e.value().clone())
+            .collect();
+        let origins = |e: &FunctionEntry| -> Vec<String> {
+            e.endpoints.iter().map(|p| p.pool.origin.to_string()).collect()
+        };
+        for old in affected {
+            let name = old.spec.name.clone();
+            match self.prepare(old.spec.clone()) {
+                Ok(entry) if origins(&entry) == origins(&old) => {}
+                Ok(entry) => {
+                    if let Some(mut slot) = self.functions.get_mut(&name)
+                        && Arc::ptr_eq(&slot, &old)
+                    {
+                        tracing::info!(function = %name, endpoints = entry.endpoints.len(), "pod discovery: endpoints changed");
+                        *slot = Arc::new(entry);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(function = %name, error = %e, "pod discovery: endpoints not rebuilt")
+                }
+            }
+        }
+        self.pools.sweep();
     }
 
     pub fn len(&self) -> usize {

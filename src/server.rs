@@ -1,6 +1,7 @@
 //! The server: opens the store, fills the registry from it, binds the listener and serves
-//! connections until shutdown, then drains: stop accepting, let calls in flight finish
-//! within the drain period, return.
+//! connections until shutdown, then shuts down in steps: unready (`/readyz` 503) while
+//! still serving for the shutdown delay, then stop accepting, then let calls in flight
+//! finish within the drain period, and return.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,14 +10,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http::HeaderValue;
+use http::header::CONNECTION;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::{self, App};
 use crate::config::Config;
+use crate::drivers::kube::KubeClient;
 use crate::drivers::local::LocalFiles;
 use crate::invoke::Invoker;
 use crate::invoke::headers::Peer;
@@ -28,6 +32,10 @@ use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::supervisor::Supervisor;
 
+/// After the listener closes, how long open connections get to end by themselves (after
+/// their next answer) before the idle ones are closed.
+const IDLE_CLOSE_AFTER: Duration = Duration::from_secs(1);
+
 /// Why the server could not start; the message names the path, address or key.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -38,6 +46,8 @@ pub struct Server {
     app: Arc<App>,
     listener: TcpListener,
     drain: Duration,
+    /// On SIGTERM, how long the listener keeps accepting before it closes.
+    shutdown_delay: Duration,
     /// The run record writer, flushed after the drain.
     writer: Writer,
     store_name: String,
@@ -83,6 +93,16 @@ impl Server {
         let (auth, kept_token) =
             crate::auth::ControlAuth::load(&config.auth, &config.server.data_dir)
                 .map_err(StartError)?;
+        if let Some(discovery) = registry.discovery() {
+            let client =
+                KubeClient::new(&config.openfaas, |k| std::env::var(k).ok()).map_err(StartError)?;
+            let registry = registry.clone();
+            tokio::spawn(discovery.run(
+                client,
+                config.openfaas.namespace.clone(),
+                move |services| registry.repoint(services),
+            ));
+        }
         let listen = config.server.listen;
         let listener = TcpListener::bind(listen)
             .await
@@ -104,6 +124,7 @@ impl Server {
             supervisor.clone(),
         );
         let drain = Duration::from_secs(config.server.drain_seconds);
+        let shutdown_delay_seconds = config.server.shutdown_delay_seconds;
         let submitter = crate::queue::Submitter::start(store.clone());
         let app = Arc::new(App {
             config: Arc::new(config),
@@ -123,6 +144,7 @@ impl Server {
             app,
             listener,
             drain,
+            shutdown_delay: Duration::from_secs(shutdown_delay_seconds),
             writer,
             store_name,
         })
@@ -139,12 +161,16 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` resolves, then drains.
+    /// Serves until `shutdown` resolves, then shuts down in steps (docs/architecture.md,
+    /// "Shutdown"): `/readyz` turns 503 and queue workers take no new runs; the listener
+    /// keeps accepting for `server.shutdown_delay_seconds`, every response now saying
+    /// `Connection: close`; the listener closes; calls in flight drain.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             app,
             listener,
             drain,
+            shutdown_delay,
             writer,
             ..
         } = self;
@@ -152,47 +178,64 @@ impl Server {
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).keep_alive(true);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                                        let app = app.clone();
-                    let client = Arc::new(Peer::new(peer.ip()));
-                    let service = service_fn(move |req| {
-                        let app = app.clone();
-                        let client = client.clone();
-                        async move { Ok::<_, Infallible>(api::handle(app, req, &client).await) }
-                    });
-                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, %peer, "connection ended with an error");
-                        }
-                    });
+        // Set once shutting down: each response then ends its keep-alive connection, so a
+        // client (a proxy's pool) never sends a request on a connection this server is
+        // about to close.
+        let closing = Arc::new(AtomicBool::new(false));
+        let serve = |stream: TcpStream, peer: SocketAddr| {
+            let _ = stream.set_nodelay(true);
+            let app = app.clone();
+            let closing = closing.clone();
+            let client = Arc::new(Peer::new(peer.ip()));
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                let client = client.clone();
+                let closing = closing.clone();
+                async move {
+                    let mut resp = api::handle(app, req, &client).await;
+                    if closing.load(Ordering::Relaxed) {
+                        resp.headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(resp)
                 }
-                () = &mut shutdown => break,
-            }
-        }
-        drop(listener);
+            });
+            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+            });
+        };
+        accept_until(&listener, shutdown, &serve).await;
+
         app.accepting.store(false, Ordering::Release);
+        closing.store(true, Ordering::Relaxed);
         // The queue workers take no new runs either (they look at `accepting`).
         app.queue_wake.notify_one();
+        tracing::info!(
+            shutdown_delay_seconds = shutdown_delay.as_secs(),
+            "shutting down: /readyz answers 503; still accepting until the delay is over"
+        );
+        accept_until(&listener, tokio::time::sleep(shutdown_delay), &serve).await;
+        close_listener(listener, &serve);
         tracing::info!(
             drain_seconds = drain.as_secs(),
             "shutting down: listener closed, draining calls in flight"
         );
+        // Each connection ends after its next answer (`Connection: close`), so first let
+        // them end by themselves: one accepted a moment ago may carry a request not read
+        // yet, and closing it as idle would fail that request. What is still open after
+        // a moment is idle in some client's pool, and is closed.
+        let drained = async {
+            let linger_until = tokio::time::Instant::now() + IDLE_CLOSE_AFTER.min(drain);
+            while graceful.count() > 0 && tokio::time::Instant::now() < linger_until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            graceful.shutdown().await;
+        };
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("drained"),
+            () = drained => tracing::info!("drained"),
             () = tokio::time::sleep(drain) => tracing::warn!("drain period over; cutting the calls still in flight"),
         }
         // Async runs still running here go back to the queue now, for another gateway (or
@@ -200,6 +243,48 @@ impl Server {
         crate::queue::release(&app).await;
         writer.flush_and_stop().await;
         tracing::info!("run records flushed");
+    }
+}
+
+/// Accepts connections and hands each to `serve` until `until` resolves.
+async fn accept_until(
+    listener: &TcpListener,
+    until: impl Future<Output = ()>,
+    serve: &impl Fn(TcpStream, SocketAddr),
+) {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => serve(stream, peer),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut until => return,
+        }
+    }
+}
+
+/// Closes the listener after serving the connections the kernel has already completed:
+/// their clients may have sent a request on them, and closing would reset them, a
+/// failure a proxy does not retry for a POST. A client connecting after this is refused,
+/// which a proxy retries on another upstream.
+fn close_listener(listener: TcpListener, serve: &impl Fn(TcpStream, SocketAddr)) {
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    // Still non-blocking: `accept` answers WouldBlock once the queue is empty.
+    while let Ok((stream, peer)) = listener.accept() {
+        match stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        {
+            Ok(stream) => serve(stream, peer),
+            Err(e) => tracing::warn!(error = %e, %peer, "a last connection could not be served"),
+        }
     }
 }
 

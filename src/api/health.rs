@@ -1,5 +1,5 @@
-//! `/healthz` (the process is alive), `/readyz` (the store answers and the listener is
-//! accepting) and `/metrics` (Prometheus text format).
+//! `/healthz` (the process is alive), `/readyz` (the store answers and the server is not
+//! shutting down) and `/metrics` (Prometheus text format).
 
 use std::sync::atomic::Ordering;
 
@@ -26,7 +26,7 @@ pub async fn readyz(app: &App) -> Response<RespBody> {
         &serde_json::json!({
             "ready": ready,
             "store": match &store { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
-            "listener": if accepting { "accepting" } else { "closed" },
+            "listener": if accepting { "accepting" } else { "shutting down" },
             "functions": app.registry.len(),
         }),
     )

@@ -45,7 +45,8 @@ pub struct App {
     pub queue_running: dashmap::DashSet<String>,
     /// Who may use the control API (`/v1/*`).
     pub auth: crate::auth::ControlAuth,
-    /// True while the listener accepts connections (for `/readyz`).
+    /// True until shutdown starts: `/readyz` answers 503 and the queue workers take no
+    /// new runs from then on.
     pub accepting: AtomicBool,
     /// Serializes the control API's writes (store, then registry), so that a PUT and a
     /// DELETE of one function racing each other cannot leave the two disagreeing.

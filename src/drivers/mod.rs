@@ -1,17 +1,22 @@
 //! Drivers say where a function runs: they turn a function's `upstream` into the list of
 //! [`Target`]s its calls go to. `static` takes the URLs given at registration; `openfaas`
 //! goes through the OpenFaaS gateway or straight to the function's service, as the server's
-//! `[openfaas]` section says. The `local` driver (runtime processes this server starts)
-//! and Kubernetes pod discovery join here later.
+//! `[openfaas]` section says, or, with pod discovery on, to the function service's ready
+//! pods ([`discovery`]). The `local` driver (runtime processes this server starts) lives
+//! in [`local`].
 
+pub mod discovery;
+pub mod kube;
 pub mod local;
 
-use crate::config::OpenfaasConfig;
+use std::sync::Arc;
+
+use crate::config::{DiscoveryMode, OpenfaasConfig};
 use crate::error::Error;
 use crate::model::{DriverKind, Function, UpstreamSpec};
 
 /// One place a function's calls can go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Target {
     /// `http://host:port`: the key of the connection pool and the name used in metrics and errors.
     pub origin: String,
@@ -44,14 +49,26 @@ impl Driver for StaticDriver {
     }
 }
 
-/// `openfaas`: one target, the OpenFaaS gateway's `/function/{name}` or the function's service.
+/// `openfaas`: the ready pods of the function's service when pod discovery knows them,
+/// else one target, the OpenFaaS gateway's `/function/{name}` or the function's service.
 pub struct OpenfaasDriver {
     config: OpenfaasConfig,
+    /// `Some` when `openfaas.discovery` is on.
+    discovery: Option<Arc<discovery::Discovery>>,
+}
+
+/// The name of the service (and of the OpenFaaS function) behind a function on the
+/// `openfaas` driver: `upstream.name`, or the function's own name.
+pub fn openfaas_service<'a>(function: &'a Function, upstream: &'a UpstreamSpec) -> &'a str {
+    upstream.name.as_deref().unwrap_or(&function.name)
 }
 
 impl Driver for OpenfaasDriver {
     fn targets(&self, function: &Function, upstream: &UpstreamSpec) -> Result<Vec<Target>, Error> {
-        let name = upstream.name.as_deref().unwrap_or(&function.name);
+        let name = openfaas_service(function, upstream);
+        if let Some(pods) = self.discovery.as_ref().and_then(|d| d.targets(name)) {
+            return Ok(pods.to_vec());
+        }
         let url = if self.config.service.is_empty() {
             format!(
                 "{}/function/{name}",
@@ -77,10 +94,20 @@ pub struct Drivers {
 
 impl Drivers {
     pub fn new(openfaas: OpenfaasConfig) -> Self {
+        let discovery = (openfaas.discovery == DiscoveryMode::Endpointslices)
+            .then(|| Arc::new(discovery::Discovery::default()));
         Drivers {
             static_driver: StaticDriver,
-            openfaas: OpenfaasDriver { config: openfaas },
+            openfaas: OpenfaasDriver {
+                config: openfaas,
+                discovery,
+            },
         }
+    }
+
+    /// What pod discovery knows, when it is on (its watch is started by the server).
+    pub fn discovery(&self) -> Option<&Arc<discovery::Discovery>> {
+        self.openfaas.discovery.as_ref()
     }
 
     pub fn get(&self, kind: DriverKind) -> &dyn Driver {
@@ -148,9 +175,11 @@ mod tests {
         }))
         .unwrap();
         let up = f.upstream.clone().unwrap();
+        let defaults = crate::config::Config::defaults().openfaas;
         let via_gateway = Drivers::new(OpenfaasConfig {
             gateway: "http://gateway.openfaas:8080".into(),
             service: String::new(),
+            ..defaults.clone()
         });
         let t = via_gateway
             .get(DriverKind::Openfaas)
@@ -161,6 +190,7 @@ mod tests {
         let direct = Drivers::new(OpenfaasConfig {
             gateway: String::new(),
             service: "http://{name}.openfaas-fn:8080".into(),
+            ..defaults
         });
         let t = direct.get(DriverKind::Openfaas).targets(&f, &up).unwrap();
         assert_eq!(t[0].origin, "http://hello.openfaas-fn:8080");

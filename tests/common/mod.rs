@@ -83,7 +83,7 @@ impl Gateway {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (child, addr) = spawn(dir.path(), env.clone(), 1)
+        let (child, addr) = spawn(dir.path(), env.clone(), 1, "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         Gateway {
@@ -154,9 +154,15 @@ impl Gateway {
 
     /// Starts a new process on the same data dir; the previous one must have exited.
     pub async fn start_again(&mut self) {
+        self.start_again_on("127.0.0.1:0".parse().unwrap()).await;
+    }
+
+    /// [`Gateway::start_again`], listening on `listen` (the previous address, for a
+    /// proxy in front).
+    pub async fn start_again_on(&mut self, listen: SocketAddr) {
         assert!(self.exited().is_some(), "the previous process still runs");
         self.starts += 1;
-        let (child, addr) = spawn(self.dir.path(), self.env.clone(), self.starts)
+        let (child, addr) = spawn(self.dir.path(), self.env.clone(), self.starts, listen)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         self.child = child;
@@ -245,9 +251,10 @@ async fn spawn(
     dir: &Path,
     env: Vec<(String, String)>,
     start: usize,
+    listen: SocketAddr,
 ) -> Result<(Child, SocketAddr), String> {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || spawn_blocking(&dir, &env, start))
+    tokio::task::spawn_blocking(move || spawn_blocking(&dir, &env, start, listen))
         .await
         .expect("spawn task")
 }
@@ -256,6 +263,7 @@ fn spawn_blocking(
     dir: &Path,
     env: &[(String, String)],
     start: usize,
+    listen: SocketAddr,
 ) -> Result<(Child, SocketAddr), String> {
     let log_path = dir.join("gateway.log");
     let mut log = std::fs::OpenOptions::new()
@@ -267,7 +275,9 @@ fn spawn_blocking(
     let _ = writeln!(log, "=== start {start} ===");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatch"));
     cmd.arg("serve")
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--data-dir")
         .arg(dir.join("data"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -324,7 +334,9 @@ pub fn start_failing(env: &[(&str, &str)]) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatch"));
     cmd.arg("serve")
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
         .arg(dir.path().join("data"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -390,6 +402,28 @@ pub async fn eventually(within: Duration, what: &str, mut check: impl FnMut() ->
     while !check() {
         assert!(Instant::now() < until, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asks `probe` until `check` holds on what it gives, at most [`PATIENCE`] (a bound
+/// against hangs, not a timing assertion); gives what was seen, or panics naming `what`
+/// and the last thing seen.
+pub async fn until_seen<T: std::fmt::Debug, F: Future<Output = T>>(
+    what: &str,
+    mut probe: impl FnMut() -> F,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let seen = probe().await;
+        if check(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never seen (last: {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

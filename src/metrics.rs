@@ -32,6 +32,8 @@ pub struct Metrics {
     record_write_failures: IntCounter,
     /// The async runs' series.
     pub queue: QueueMetrics,
+    /// The series of events taken from AMQP.
+    pub events: EventMetrics,
 }
 
 /// Async runs (`queue/`): what was accepted, tried again, given up, and how long runs take
@@ -44,6 +46,19 @@ pub struct QueueMetrics {
     pub callback_failures: IntCounter,
     pub in_flight: IntGauge,
     pub run_seconds: Histogram,
+}
+
+/// Events from event drivers over AMQP (`events::amqp`): what became of each message, and
+/// the state of the connection.
+pub struct EventMetrics {
+    /// Acknowledged: the runs of every subscribed function submitted.
+    pub accepted: IntCounter,
+    /// Rejected without requeue: not an event (bad content type, bad JSON...).
+    pub rejected: IntCounter,
+    /// Handed back to the broker: a run could not be submitted (the store is down).
+    pub requeued: IntCounter,
+    pub connected: IntGauge,
+    pub connection_failures: IntCounter,
 }
 
 /// Why the gateway turned a call away before it reached a function.
@@ -235,6 +250,7 @@ impl Metrics {
                     .expect("valid metric"),
                 ),
             },
+            events: EventMetrics::new(&registry),
             registry,
         }
     }
@@ -288,6 +304,40 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding into a Vec cannot fail");
         out
+    }
+}
+
+impl EventMetrics {
+    fn new(registry: &Registry) -> Self {
+        let messages = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "dispatch_events_amqp_messages_total",
+                    "AMQP event messages taken, by outcome: accepted (runs submitted, acked), rejected (not an event, dropped), requeued (runs not submitted, handed back)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        EventMetrics {
+            accepted: messages.with_label_values(&["accepted"]),
+            rejected: messages.with_label_values(&["rejected"]),
+            requeued: messages.with_label_values(&["requeued"]),
+            connected: register(
+                registry,
+                IntGauge::new(
+                    "dispatch_events_amqp_connected",
+                    "1 while this gateway consumes events from the AMQP broker, else 0",
+                )
+                .expect("valid metric"),
+            ),
+            connection_failures: simple_counter(
+                registry,
+                "dispatch_events_amqp_connection_failures_total",
+                "AMQP event connections refused or lost (each followed by a reconnect)",
+            ),
+        }
     }
 }
 

@@ -139,6 +139,7 @@ impl Server {
             ..
         } = self;
         tokio::spawn(crate::queue::work(app.clone()));
+        let events = crate::events::amqp::Consumer::start(app.clone());
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).keep_alive(true);
@@ -177,6 +178,10 @@ impl Server {
         app.accepting.store(false, Ordering::Release);
         // The queue workers take no new runs either (they look at `accepting`).
         app.queue_wake.notify_one();
+        // Nor does the AMQP event consumer: what it holds is settled, the rest goes back.
+        if let Some(events) = events {
+            events.stop().await;
+        }
         tracing::info!(
             drain_seconds = drain.as_secs(),
             "shutting down: listener closed, draining calls in flight"

@@ -15,35 +15,42 @@ use common::{Behavior, Gateway, Metrics, Upstream, function};
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Publishes messages to, or deletes a queue of, the broker with pika; it waits for the
-/// broker (another test may restart it) and publishes with confirms, mandatory (so a
-/// message no queue takes is an error, not a silent loss).
+/// Publishes messages to, or deletes a queue of, the broker with pika: with confirms and
+/// mandatory (a message no queue takes is an error, not a silent loss), again and again
+/// while the broker is away (another test may restart it). Messages sent twice that way
+/// are what a redelivery looks like to the gateway.
 const PIKA: &str = r#"
 import json, sys, time
 import pika
 req = json.loads(sys.argv[1])
 deadline = time.time() + 60
+
+def once():
+    conn = pika.BlockingConnection(pika.URLParameters(req["url"]))
+    ch = conn.channel()
+    if req["action"] == "delete":
+        ch.queue_delete(queue=req["queue"])
+    else:
+        ch.exchange_declare(exchange="dispatch", exchange_type="topic", durable=True)
+        ch.confirm_delivery()
+        for m in req["messages"]:
+            props = pika.BasicProperties(
+                content_type=m.get("content_type"), type=m.get("type"), message_id=m.get("id"),
+                correlation_id=m.get("source"), timestamp=m.get("time"), delivery_mode=2)
+            ch.basic_publish(exchange="dispatch", routing_key=m["key"], body=m["body"].encode(),
+                             properties=props, mandatory=True)
+    conn.close()
+
+# The broker may be restarting (another test's doing): try again until the deadline.
 while True:
     try:
-        conn = pika.BlockingConnection(pika.URLParameters(req["url"]))
+        once()
         break
-    except pika.exceptions.AMQPConnectionError as e:
+    except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
+            pika.exceptions.StreamLostError) as e:
         if time.time() > deadline:
-            sys.exit("RabbitMQ is unreachable at %s: %r" % (req["url"], e))
+            sys.exit("RabbitMQ at %s: %r" % (req["url"], e))
         time.sleep(0.5)
-ch = conn.channel()
-if req["action"] == "delete":
-    ch.queue_delete(queue=req["queue"])
-else:
-    ch.exchange_declare(exchange="dispatch", exchange_type="topic", durable=True)
-    ch.confirm_delivery()
-    for m in req["messages"]:
-        props = pika.BasicProperties(
-            content_type=m.get("content_type"), type=m.get("type"), message_id=m.get("id"),
-            correlation_id=m.get("source"), timestamp=m.get("time"), delivery_mode=2)
-        ch.basic_publish(exchange="dispatch", routing_key=m["key"], body=m["body"].encode(),
-                         properties=props, mandatory=True)
-conn.close()
 "#;
 
 /// Makes sure `import pika` works, installing it from PyPI if needed.

@@ -29,7 +29,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_lite::StreamExt;
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,

@@ -297,13 +297,25 @@ impl Metrics {
         let _ = self.connect_retries.remove_label_values(&[name]);
     }
 
-    /// The Prometheus text exposition of every series.
+    /// The Prometheus text exposition of every series. Two of OpenFaaS' names break
+    /// Prometheus' naming rules for their types: `gateway_function_invocation_started` is a
+    /// counter without `_total`, and `gateway_service_count` a gauge ending in a
+    /// histogram's `_count`. They are declared `untyped` (the rules are for typed series),
+    /// so the names OpenFaaS dashboards query stay, and `promtool check metrics` finds
+    /// nothing to fault.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding into a Vec cannot fail");
-        out
+        let mut text = String::from_utf8(out).expect("the text encoder writes UTF-8");
+        for (name, kind) in UNTYPED {
+            let typed = format!("# TYPE {name} {kind}\n");
+            if let Some(at) = text.find(&typed) {
+                text.replace_range(at..at + typed.len(), &format!("# TYPE {name} untyped\n"));
+            }
+        }
+        text.into_bytes()
     }
 }
 
@@ -346,6 +358,13 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// The OpenFaaS series exposed as `untyped`, and the type they are kept as (see
+/// [`Metrics::render`]).
+const UNTYPED: [(&str, &str); 2] = [
+    ("gateway_function_invocation_started", "counter"),
+    ("gateway_service_count", "gauge"),
+];
 
 /// Status codes whose handles a function keeps at hand. A function answers with a few
 /// codes, so a short list scanned in order is both small (a slot per code seen, not per
@@ -427,6 +446,7 @@ mod tests {
         let m = Metrics::new();
         let f = m.for_function("hello");
         f.started.inc();
+        f.service_count.set(2);
         f.observe(200, Duration::from_millis(3));
         f.observe(200, Duration::from_millis(4));
         f.observe(502, Duration::from_millis(1));
@@ -452,6 +472,10 @@ mod tests {
             text.contains(r#"gateway_functions_seconds_count{code="200",function_name="hello"} 2"#)
         );
         assert!(text.contains(r#"gateway_function_invocation_started{function_name="hello"} 1"#));
+        assert!(text.contains("# TYPE gateway_function_invocation_started untyped\n"));
+        assert!(text.contains("# TYPE gateway_function_invocation_total counter\n"));
+        assert!(text.contains("# TYPE gateway_service_count untyped\n"));
+        assert!(text.contains(r#"gateway_service_count{function_name="hello"} 2"#));
         assert!(
             text.contains(
                 r#"gateway_function_invocation_total{code="409",function_name="hello"} 2"#

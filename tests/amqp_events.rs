@@ -125,7 +125,8 @@ async fn wait_for(gw: &Gateway, what: &str, check: impl Fn(&Metrics) -> bool) {
 }
 
 async fn runs_of(gw: &Gateway, function: &str) -> Vec<Value> {
-    let reply = gw.get(&format!("/v1/runs?functionName={function}")).await;
+    let path = format!("/v1/runs?functionName={function}&limit=1000");
+    let reply = gw.get(&path).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json().as_array().unwrap().clone()
 }
@@ -170,20 +171,21 @@ struct Setup {
     queue: TestQueue,
 }
 
-async fn setup() -> Setup {
+async fn setup(env: &[(&str, &str)]) -> Setup {
     ensure_pika();
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let org = format!("org{}", &unique[..12]);
     let queue = TestQueue(format!("dispatch-events-test-{unique}"));
     let binding = format!("{org}.#");
     let up = Upstream::start(Behavior::Envelope).await;
-    let gw = Gateway::start_with(&[
+    let mut all = vec![
         ("DISPATCH_EVENTS_AMQP_URL", BROKER),
-        ("DISPATCH_EVENTS_QUEUE", &queue.0),
-        ("DISPATCH_EVENTS_BINDING_KEY", &binding),
+        ("DISPATCH_EVENTS_QUEUE", queue.0.as_str()),
+        ("DISPATCH_EVENTS_BINDING_KEY", binding.as_str()),
         ("DISPATCH_EVENTS_RECONNECT_MAX_MS", "1000"),
-    ])
-    .await;
+    ];
+    all.extend_from_slice(env);
+    let gw = Gateway::start_with(&all).await;
     gw.register(&function(
         "greet",
         &[up.addr],
@@ -204,7 +206,7 @@ async fn an_amqp_event_starts_the_runs_of_its_subscribers_once() {
         mut gw,
         org,
         queue: _queue,
-    } = setup().await;
+    } = setup(&[]).await;
     let event = json!({
         "key": format!("{org}.user.created"), "type": "user.created", "id": "event-1",
         "source": "crm", "time": 1_522_949_460, "content_type": "application/json",
@@ -300,7 +302,7 @@ async fn a_lost_connection_or_queue_is_set_up_again() {
         gw,
         org,
         queue,
-    } = setup().await;
+    } = setup(&[]).await;
     let failures = |m: &Metrics| m.value("dispatch_events_amqp_connection_failures_total", &[]);
     // The broker closes the connection (as when it stops), then the queue goes (as when it
     // comes back without it): each time the gateway connects again and declares anew.
@@ -353,4 +355,45 @@ async fn a_lost_connection_or_queue_is_set_up_again() {
     let runs = finished_runs(&gw, "greet", 1).await;
     assert_eq!(runs[0]["input"], json!({"name": "Sansa"}));
     assert_eq!(runs[0]["status"], "READY", "{}", runs[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_hand_when_a_gateway_is_killed_are_run_once_each() {
+    const EVENTS: usize = 300;
+    // Runs the killed gateway had taken are taken again after this hold.
+    let Setup {
+        up: _up,
+        mut gw,
+        org,
+        queue: _queue,
+    } = setup(&[("DISPATCH_QUEUE_HOLD_SECONDS", "2")]).await;
+    // The events wait in the durable queue while the gateway is away...
+    gw.terminate();
+    assert!(gw.wait_exit(Duration::from_secs(30)).await.success());
+    let events: Vec<Value> = (0..EVENTS)
+        .map(|i| {
+            json!({"key": format!("{org}.user.created"), "type": "user.created",
+                   "id": format!("event-{i}"), "content_type": "application/json",
+                   "body": format!("{{\"name\": \"n{i}\"}}")})
+        })
+        .collect();
+    publish(Value::Array(events)).await;
+    // ...then come at once to the next one, which is killed while it works through them:
+    // what it had not acked is delivered again, to the one after it.
+    gw.start_again().await;
+    messages_counted(&gw, "accepted", 1.0).await;
+    gw.crash();
+    gw.start_again().await;
+    let runs = finished_runs(&gw, "greet", EVENTS).await;
+    let events: std::collections::BTreeSet<String> = runs
+        .iter()
+        .map(|r| r["event"]["event-id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(events.len(), EVENTS, "an event without its run");
+    assert_eq!(runs.len(), EVENTS, "an event run twice");
+    assert!(
+        runs.iter().all(|r| r["status"] == "READY"),
+        "{:?}",
+        runs.iter().find(|r| r["status"] != "READY")
+    );
 }

@@ -26,6 +26,7 @@ pub struct Config {
     pub runtimes: RuntimesConfig,
     pub queue: QueueConfig,
     pub auth: AuthConfig,
+    pub events: EventsConfig,
 }
 
 /// Who may use the control API (`/v1/*`): see [`crate::auth`]. Its `Debug` hides the
@@ -48,6 +49,20 @@ impl std::fmt::Debug for AuthConfig {
             .field("token_file", &self.token_file)
             .finish()
     }
+}
+
+/// Events that event drivers publish over AMQP (`events::amqp`): off while `amqp_url` is
+/// empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    pub amqp_url: String,
+    pub exchange: String,
+    pub queue: String,
+    pub binding_key: String,
+    pub prefetch: u16,
+    pub reconnect_ms: u64,
+    pub reconnect_max_ms: u64,
 }
 
 /// Async runs: where they wait, how many run at once, how failures are tried again.
@@ -297,6 +312,7 @@ impl Config {
         if self.queue.poll_ms == 0 || self.queue.hold_seconds == 0 {
             return bad("queue", "poll_ms and hold_seconds must be greater than 0");
         }
+        self.events.validate()?;
         if self.local.processes == 0 {
             return bad("local.processes", "must be at least 1");
         }
@@ -349,6 +365,37 @@ impl Config {
             return bad(
                 "openfaas.namespace",
                 "must name the namespace of the function services",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl EventsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("events.{key}: {why}")));
+        if self.amqp_url.is_empty() {
+            return Ok(());
+        }
+        if !self.amqp_url.starts_with("amqp://") {
+            return bad(
+                "amqp_url",
+                "must be empty (off) or an amqp:// URL (amqps:// is not built in)",
+            );
+        }
+        if self.exchange.is_empty() || self.queue.is_empty() || self.binding_key.is_empty() {
+            return bad(
+                "exchange",
+                "exchange, queue and binding_key must not be empty",
+            );
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch", "must be at least 1");
+        }
+        if self.reconnect_ms == 0 || self.reconnect_max_ms < self.reconnect_ms {
+            return bad(
+                "reconnect_ms",
+                "must be at least 1, and reconnect_max_ms at least as much",
             );
         }
         Ok(())

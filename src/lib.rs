@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod drivers;
 pub mod error;
+pub mod events;
 pub mod invoke;
 pub mod metrics;
 pub mod model;

@@ -32,6 +32,8 @@ pub struct Metrics {
     record_write_failures: IntCounter,
     /// The async runs' series.
     pub queue: QueueMetrics,
+    /// The series of events taken from AMQP.
+    pub events: EventMetrics,
 }
 
 /// Async runs (`queue/`): what was accepted, tried again, given up, and how long runs take
@@ -44,6 +46,19 @@ pub struct QueueMetrics {
     pub callback_failures: IntCounter,
     pub in_flight: IntGauge,
     pub run_seconds: Histogram,
+}
+
+/// Events from event drivers over AMQP (`events::amqp`): what became of each message, and
+/// the state of the connection.
+pub struct EventMetrics {
+    /// Acknowledged: the runs of every subscribed function submitted.
+    pub accepted: IntCounter,
+    /// Rejected without requeue: not an event (bad content type, bad JSON...).
+    pub rejected: IntCounter,
+    /// Handed back to the broker: a run could not be submitted (the store is down).
+    pub requeued: IntCounter,
+    pub connected: IntGauge,
+    pub connection_failures: IntCounter,
 }
 
 /// Why the gateway turned a call away before it reached a function.
@@ -235,6 +250,7 @@ impl Metrics {
                     .expect("valid metric"),
                 ),
             },
+            events: EventMetrics::new(&registry),
             registry,
         }
     }
@@ -281,13 +297,59 @@ impl Metrics {
         let _ = self.connect_retries.remove_label_values(&[name]);
     }
 
-    /// The Prometheus text exposition of every series.
+    /// The Prometheus text exposition of every series. Two of OpenFaaS' names break
+    /// Prometheus' naming rules for their types: `gateway_function_invocation_started` is a
+    /// counter without `_total`, and `gateway_service_count` a gauge ending in a
+    /// histogram's `_count`. They are declared `untyped` (the rules are for typed series),
+    /// so the names OpenFaaS dashboards query stay, and `promtool check metrics` finds
+    /// nothing to fault.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding into a Vec cannot fail");
-        out
+        let mut text = String::from_utf8(out).expect("the text encoder writes UTF-8");
+        for (name, kind) in UNTYPED {
+            let typed = format!("# TYPE {name} {kind}\n");
+            if let Some(at) = text.find(&typed) {
+                text.replace_range(at..at + typed.len(), &format!("# TYPE {name} untyped\n"));
+            }
+        }
+        text.into_bytes()
+    }
+}
+
+impl EventMetrics {
+    fn new(registry: &Registry) -> Self {
+        let messages = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "dispatch_events_amqp_messages_total",
+                    "AMQP event messages taken, by outcome: accepted (runs submitted, acked), rejected (not an event, dropped), requeued (runs not submitted, handed back)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        EventMetrics {
+            accepted: messages.with_label_values(&["accepted"]),
+            rejected: messages.with_label_values(&["rejected"]),
+            requeued: messages.with_label_values(&["requeued"]),
+            connected: register(
+                registry,
+                IntGauge::new(
+                    "dispatch_events_amqp_connected",
+                    "1 while this gateway consumes events from the AMQP broker, else 0",
+                )
+                .expect("valid metric"),
+            ),
+            connection_failures: simple_counter(
+                registry,
+                "dispatch_events_amqp_connection_failures_total",
+                "AMQP event connections refused or lost (each followed by a reconnect)",
+            ),
+        }
     }
 }
 
@@ -296,6 +358,13 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// The OpenFaaS series exposed as `untyped`, and the type they are kept as (see
+/// [`Metrics::render`]).
+const UNTYPED: [(&str, &str); 2] = [
+    ("gateway_function_invocation_started", "counter"),
+    ("gateway_service_count", "gauge"),
+];
 
 /// Status codes whose handles a function keeps at hand. A function answers with a few
 /// codes, so a short list scanned in order is both small (a slot per code seen, not per
@@ -377,6 +446,7 @@ mod tests {
         let m = Metrics::new();
         let f = m.for_function("hello");
         f.started.inc();
+        f.service_count.set(2);
         f.observe(200, Duration::from_millis(3));
         f.observe(200, Duration::from_millis(4));
         f.observe(502, Duration::from_millis(1));
@@ -402,6 +472,10 @@ mod tests {
             text.contains(r#"gateway_functions_seconds_count{code="200",function_name="hello"} 2"#)
         );
         assert!(text.contains(r#"gateway_function_invocation_started{function_name="hello"} 1"#));
+        assert!(text.contains("# TYPE gateway_function_invocation_started untyped\n"));
+        assert!(text.contains("# TYPE gateway_function_invocation_total counter\n"));
+        assert!(text.contains("# TYPE gateway_service_count untyped\n"));
+        assert!(text.contains(r#"gateway_service_count{function_name="hello"} 2"#));
         assert!(
             text.contains(
                 r#"gateway_function_invocation_total{code="409",function_name="hello"} 2"#

@@ -175,6 +175,7 @@ impl Server {
             ..
         } = self;
         tokio::spawn(crate::queue::work(app.clone()));
+        let events = crate::events::amqp::Consumer::start(app.clone());
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).keep_alive(true);
@@ -213,6 +214,10 @@ impl Server {
         closing.store(true, Ordering::Relaxed);
         // The queue workers take no new runs either (they look at `accepting`).
         app.queue_wake.notify_one();
+        // Nor does the AMQP event consumer: what it holds is settled, the rest goes back.
+        if let Some(events) = events {
+            events.stop().await;
+        }
         tracing::info!(
             shutdown_delay_seconds = shutdown_delay.as_secs(),
             "shutting down: /readyz answers 503; still accepting until the delay is over"

@@ -12,7 +12,8 @@ use serde_json::{Map, Value, json};
 use super::{App, has_tags, parse_json, read_body, tag_filters};
 use crate::body::{RespBody, json_response};
 use crate::error::Error;
-use crate::model::{RunRequest, Status, Subscription, Tag, new_id, new_run_name, unix_now};
+use crate::events::{Event, RunNames};
+use crate::model::{Status, Subscription, Tag, new_id, unix_now};
 
 async fn parse(app: &App, req: Request<Incoming>) -> Result<Subscription, Error> {
     let body = read_body(req, app.config.limits.body_bytes).await?;
@@ -119,8 +120,16 @@ pub async fn delete(app: &App, name: &str) -> Result<Response<RespBody>, Error> 
 /// CloudEvent alone). The event's type is `event-type` (or `eventType`); its data is
 /// `data`, parsed as JSON when it is a string and the content type says JSON. Answers 200
 /// with the emission (its `id`, the event with an `event-id` if it had none, and
-/// `emitted-time`) and the names of the runs it started in `runs`.
+/// `emitted-time`) and the names of the runs it started in `runs`. The caller's
+/// `X-Dispatch-Org` goes on the event as `extensions.organization`, as an AMQP event's
+/// organization does (see `events::amqp`).
 pub async fn emit(app: &App, req: Request<Incoming>) -> Result<Response<RespBody>, Error> {
+    let organization = req
+        .headers()
+        .get("x-dispatch-org")
+        .and_then(|v| v.to_str().ok())
+        .filter(|org| !org.is_empty())
+        .map(str::to_string);
     let body = read_body(req, app.config.limits.body_bytes).await?;
     let sent: Value = parse_json(&body, "emission")?;
     let Value::Object(mut sent) = sent else {
@@ -143,6 +152,9 @@ pub async fn emit(app: &App, req: Request<Incoming>) -> Result<Response<RespBody
     if field(&event, &["event-id", "eventID", "eventId"]).is_none() {
         event.insert("event-id".into(), json!(new_id().to_string()));
     }
+    if let Some(organization) = organization {
+        crate::events::set_organization(&mut event, organization);
+    }
     let data = event.remove("data").unwrap_or(Value::Null);
     let input = match data {
         Value::String(text)
@@ -153,35 +165,23 @@ pub async fn emit(app: &App, req: Request<Incoming>) -> Result<Response<RespBody
         }
         other => other,
     };
-    let described = Value::Object(event.clone());
-    let mut runs = Vec::new();
-    for subscription in app.registry.catalog.subscribed_to(&event_type) {
-        let request = RunRequest {
-            input: input.clone(),
-            event: Some(described.clone()),
-            secrets: subscription.secrets.clone(),
-            tags: tags.clone(),
-            ..RunRequest::default()
-        };
-        let name = new_run_name().to_string();
-        match crate::queue::submit(app, &subscription.function, request, name, None).await {
-            Ok(run) => runs.push(run.name),
-            // The subscription outlived its function: the others still run.
-            Err(e) => {
-                tracing::warn!(subscription = %subscription.name, function = %subscription.function, error = %e, "event not delivered to a subscription")
-            }
-        }
-    }
-    tracing::info!(event_type = %event_type, runs = runs.len(), "event emitted");
+    let delivered = Event {
+        event_type,
+        input,
+        described: Value::Object(event.clone()),
+        tags,
+    };
+    let runs = crate::events::deliver(app, &delivered, RunNames::Fresh).await?;
+    tracing::info!(event_type = %delivered.event_type, runs = runs.len(), "event emitted");
     let mut emitted = event;
-    emitted.insert("data".into(), input);
+    emitted.insert("data".into(), delivered.input);
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "id": new_id().to_string(),
             "event": emitted,
             "emitted-time": unix_now(),
-            "tags": tags,
+            "tags": delivered.tags,
             "runs": runs,
         }),
     ))

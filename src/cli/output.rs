@@ -62,7 +62,7 @@ pub fn time(unix: i64) -> String {
     ];
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
+    let (year, month, day) = crate::model::civil_from_days(days);
     format!(
         "{} {} {:>2} {:02}:{:02}:{:02} UTC {year}",
         DAYS[days.rem_euclid(7) as usize],
@@ -72,21 +72,6 @@ pub fn time(unix: i64) -> String {
         secs % 3600 / 60,
         secs % 60
     )
-}
-
-/// Year, month (1-12) and day (1-31) of a count of days since 1970-01-01, by the
-/// proleptic Gregorian calendar (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 /// `value[key]` as text for a cell: strings as they are, lists joined with commas,

@@ -313,7 +313,7 @@ impl RunPosition {
     }
 
     pub fn from_cursor(cursor: &str) -> Option<Self> {
-        if cursor.len() % 2 != 0 || cursor.len() > 512 {
+        if !cursor.len().is_multiple_of(2) || cursor.len() > 512 {
             return None;
         }
         let bytes: Option<Vec<u8>> = (0..cursor.len())

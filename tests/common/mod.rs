@@ -624,10 +624,10 @@ pub async fn raw_exchange(
             }
         };
         let _writer = write.await;
-        if let Err(e) = answer {
-            if got.is_empty() {
-                return Err(format!("reading the answer: {e}"));
-            }
+        if let Err(e) = answer
+            && got.is_empty()
+        {
+            return Err(format!("reading the answer: {e}"));
         }
         let mut text = String::from_utf8_lossy(&got).into_owned();
         loop {

@@ -297,7 +297,10 @@ impl Registry {
             .map(|e| e.value().clone())
             .collect();
         let origins = |e: &FunctionEntry| -> Vec<String> {
-            e.endpoints.iter().map(|p| p.pool.origin.to_string()).collect()
+            e.endpoints
+                .iter()
+                .map(|p| p.pool.origin.to_string())
+                .collect()
         };
         for old in affected {
             let name = old.spec.name.clone();

@@ -78,6 +78,11 @@ pub struct QueueConfig {
     pub hold_seconds: u64,
     pub poll_ms: u64,
     pub callback_attempts: u32,
+    /// RabbitMQ (`backend = "rabbitmq"`): the broker, the prefix of every queue name, and
+    /// how many publishes may await their confirm at once.
+    pub url: String,
+    pub name_prefix: String,
+    pub confirm_window: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -85,6 +90,8 @@ pub struct QueueConfig {
 pub enum QueueBackend {
     /// In the store: durable with it, taken again after a restart.
     Embedded,
+    /// In RabbitMQ queues (`queue.url`): durable, persistent, confirmed before the 202.
+    Rabbitmq,
 }
 
 /// The `local` driver: runtime processes this server starts for functions registered
@@ -308,6 +315,21 @@ impl Config {
         }
         if self.queue.attempts == 0 {
             return bad("queue.attempts", "must be at least 1");
+        }
+        if self.queue.backend == QueueBackend::Rabbitmq {
+            if !self.queue.url.starts_with("amqp://") {
+                return bad("queue.url", "must be an amqp:// URL");
+            }
+            let prefix = &self.queue.name_prefix;
+            if prefix.is_empty() || prefix.len() > 200 {
+                return bad("queue.name_prefix", "must be 1 to 200 characters");
+            }
+            if self.queue.confirm_window == 0 || self.queue.workers > u16::MAX as usize {
+                return bad(
+                    "queue",
+                    "confirm_window must be at least 1, workers at most 65535 (the prefetch)",
+                );
+            }
         }
         if self.queue.poll_ms == 0 || self.queue.hold_seconds == 0 {
             return bad("queue", "poll_ms and hold_seconds must be greater than 0");
@@ -584,6 +606,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("openfaas"), "{e}");
+
+        let e = Config::load(
+            None,
+            &Overrides::default(),
+            env(&[
+                ("DISPATCH_QUEUE_BACKEND", "rabbitmq"),
+                ("DISPATCH_QUEUE_URL", "http://broker"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("queue.url"), "{e}");
     }
 
     #[test]

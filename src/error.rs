@@ -57,6 +57,13 @@ pub enum Error {
     },
     #[error("store: {0}")]
     Store(String),
+    /// The queue's broker is out of reach (or did not confirm): nothing was accepted, and
+    /// the caller may try again after `retry_after`.
+    #[error("queue: {message}")]
+    QueueUnavailable {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -76,6 +83,7 @@ impl Error {
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::QueueUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +103,7 @@ impl Error {
             Error::Upstream { .. } => "upstream-unavailable",
             Error::Timeout { .. } => "upstream-timeout",
             Error::Store(_) => "store-unavailable",
+            Error::QueueUnavailable { .. } => "queue-unavailable",
             Error::Internal(_) => "internal",
         }
     }
@@ -107,7 +116,9 @@ impl Error {
         let mut resp = crate::body::json_response(status, &body);
         let headers = resp.headers_mut();
         headers.insert("x-dispatch-error", HeaderValue::from_static(self.kind()));
-        if let Error::TooManyRequests { retry_after, .. } = &self {
+        if let Error::TooManyRequests { retry_after, .. }
+        | Error::QueueUnavailable { retry_after, .. } = &self
+        {
             let secs = retry_after.as_secs().max(1);
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }

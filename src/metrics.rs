@@ -46,6 +46,26 @@ pub struct QueueMetrics {
     pub callback_failures: IntCounter,
     pub in_flight: IntGauge,
     pub run_seconds: Histogram,
+    /// RabbitMQ only: the broker's side of it.
+    pub broker: BrokerMetrics,
+}
+
+/// The RabbitMQ backend's series: publishes and what the broker said of them, the
+/// connection, and the depth of its queues.
+#[derive(Clone)]
+pub struct BrokerMetrics {
+    pub published: IntCounter,
+    pub confirmed: IntCounter,
+    pub returned: IntCounter,
+    pub nacked: IntCounter,
+    /// Publishes waiting for their confirm now.
+    pub unconfirmed: IntGauge,
+    pub reconnects: IntCounter,
+    pub connected: IntGauge,
+    /// Messages delivered again for runs already finished: acked, not run again.
+    pub duplicates: IntCounter,
+    /// Messages ready in each queue (`runs`, `dead`), as the broker last told.
+    pub depth: IntGaugeVec,
 }
 
 /// Events from event drivers over AMQP (`events::amqp`): what became of each message, and
@@ -249,6 +269,59 @@ impl Metrics {
                     )
                     .expect("valid metric"),
                 ),
+                broker: BrokerMetrics {
+                    published: simple_counter(
+                        &registry,
+                        "dispatch_queue_published_total",
+                        "Messages published to RabbitMQ (runs, retries, dead letters)",
+                    ),
+                    confirmed: simple_counter(
+                        &registry,
+                        "dispatch_queue_confirmed_total",
+                        "Publishes RabbitMQ confirmed (acked)",
+                    ),
+                    returned: simple_counter(
+                        &registry,
+                        "dispatch_queue_returned_total",
+                        "Mandatory publishes RabbitMQ returned as unroutable",
+                    ),
+                    nacked: simple_counter(
+                        &registry,
+                        "dispatch_queue_nacked_total",
+                        "Publishes RabbitMQ refused (nacked)",
+                    ),
+                    unconfirmed: register(
+                        &registry,
+                        IntGauge::new(
+                            "dispatch_queue_unconfirmed",
+                            "Publishes waiting for RabbitMQ's confirm now",
+                        )
+                        .expect("valid metric"),
+                    ),
+                    reconnects: simple_counter(
+                        &registry,
+                        "dispatch_queue_reconnects_total",
+                        "Connections to RabbitMQ opened again after one was lost",
+                    ),
+                    connected: register(
+                        &registry,
+                        IntGauge::new(
+                            "dispatch_queue_connected",
+                            "1 while the gateway is connected to RabbitMQ",
+                        )
+                        .expect("valid metric"),
+                    ),
+                    duplicates: simple_counter(
+                        &registry,
+                        "dispatch_queue_duplicates_total",
+                        "Messages delivered again for runs already finished (acked, not run)",
+                    ),
+                    depth: gauge(
+                        "dispatch_queue_depth",
+                        "Messages ready in each RabbitMQ queue, as last declared",
+                        &["queue"],
+                    ),
+                },
             },
             events: EventMetrics::new(&registry),
             registry,

@@ -495,6 +495,11 @@ pub struct RunError {
     pub message: String,
     #[serde(default)]
     pub stacktrace: Vec<String>,
+    /// The function says another attempt may succeed (`"retryable": true` in its envelope's
+    /// error, or an `X-Dispatch-Retryable: true` header): an async run is then tried again
+    /// as after a 502.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retryable: bool,
 }
 
 impl RunError {
@@ -503,6 +508,7 @@ impl RunError {
             kind: RunErrorType::SystemError,
             message: message.into(),
             stacktrace: Vec::new(),
+            retryable: false,
         }
     }
 
@@ -511,6 +517,7 @@ impl RunError {
             kind: RunErrorType::FunctionError,
             message: message.into(),
             stacktrace: Vec::new(),
+            retryable: false,
         }
     }
 
@@ -519,6 +526,7 @@ impl RunError {
             kind: RunErrorType::InputError,
             message: message.into(),
             stacktrace: Vec::new(),
+            retryable: false,
         }
     }
 }

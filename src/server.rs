@@ -125,7 +125,7 @@ impl Server {
         );
         let drain = Duration::from_secs(config.server.drain_seconds);
         let shutdown_delay_seconds = config.server.shutdown_delay_seconds;
-        let submitter = crate::queue::Submitter::start(store.clone());
+        let queue = crate::queue::Queue::start(&config, store.clone(), metrics.clone()).await;
         let app = Arc::new(App {
             config: Arc::new(config),
             registry,
@@ -134,7 +134,7 @@ impl Server {
             metrics,
             supervisor,
             queue_wake: tokio::sync::Notify::new(),
-            submitter,
+            queue,
             queue_running: dashmap::DashSet::new(),
             auth,
             accepting: AtomicBool::new(true),

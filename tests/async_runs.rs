@@ -8,21 +8,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{Behavior, Gateway, Upstream, dispatch_cli, free_addr, function, run_finished};
+use common::{
+    Behavior, Gateway, Upstream, free_addr, function, run_finished, submit_run as submit,
+};
 
 fn dispatch_fn(name: &str, addr: std::net::SocketAddr) -> Value {
     function(name, &[addr], json!({"upstream": {"protocol": "dispatch"}}))
-}
-
-async fn submit(gw: &Gateway, function: &str, input: Value) -> Value {
-    let reply = gw
-        .post_json(
-            &format!("/v1/runs?functionName={function}"),
-            &json!({"input": input}),
-        )
-        .await;
-    assert_eq!(reply.status, 202, "{}", reply.text());
-    reply.json()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,20 +263,8 @@ async fn runs_that_end_in_error_wait_with_the_dead_letters_and_can_be_sent_again
         1.0
     );
     // The CLI lists it...
-    let port = gw.addr.port().to_string();
-    let (code, out) = dispatch_cli(&["get", "runs", "--dead", "-o", "json", "--port", &port]).await;
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains(&name), "{out}");
     // ...and, the function being back, sends it again: it ends READY.
-    let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
-    let (code, out) = dispatch_cli(&["retry", &name, "--port", &port]).await;
-    assert_eq!(code, 0, "{out}");
-    let accepted: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(accepted["status"], "INITIALIZED");
-    let run = run_finished(&gw, &name, Duration::from_secs(20)).await;
-    assert_eq!(run["status"], "READY", "{run}");
-    assert_eq!(run["output"]["greeting"], "Hello, Hodor");
-    assert_eq!(up.stats.requests(), 1);
+    let _up = common::dead_run_sent_again_by_the_cli(&gw, &name, addr).await;
     assert_eq!(gw.get("/v1/runs?dead=true").await.json(), json!([]));
     let m = gw.metrics().await;
     assert_eq!(

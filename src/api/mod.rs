@@ -39,8 +39,8 @@ pub struct App {
     pub supervisor: Arc<Supervisor>,
     /// Wakes this gateway's queue workers when a run is submitted here.
     pub queue_wake: tokio::sync::Notify,
-    /// Writes submitted async runs, a batch per commit.
-    pub submitter: crate::queue::Submitter,
+    /// Where async runs wait: the store (embedded) or RabbitMQ.
+    pub queue: crate::queue::Queue,
     /// The async runs this gateway's workers are running, by name.
     pub queue_running: dashmap::DashSet<String>,
     /// Who may use the control API (`/v1/*`).

@@ -845,6 +845,10 @@ impl Invoker {
     ) -> Result<envelope::Outcome, Error> {
         let status = resp.status();
         call.code = status.as_u16();
+        let retryable = resp
+            .headers()
+            .get("x-dispatch-retryable")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         let function = &call.function;
         let endpoint = call
             .endpoint
@@ -874,7 +878,12 @@ impl Invoker {
             }
             Ok(Ok(body)) => body,
         };
-        Ok(envelope::decode(function.protocol, status, &body))
+        let mut outcome = envelope::decode(function.protocol, status, &body);
+        // A raw function marks a failure worth another attempt with a header.
+        if retryable && let Some(error) = &mut outcome.error {
+            error.retryable = true;
+        }
+        Ok(outcome)
     }
 }
 

@@ -141,6 +141,15 @@ pub trait Store: Send + Sync {
     /// again unless revived).
     async fn finish_queued(&self, run: &Run, dead: bool) -> Result<(), StoreError>;
 
+    /// A run of another queue (RabbitMQ) that ended ERROR, kept with the dead letters:
+    /// `queued` written as a dead entry (or an entry of that name made dead), then the
+    /// record as [`Store::finish_queued`] writes it. Doing it again is harmless.
+    async fn bury_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError>;
+
+    /// Takes a dead run out of the dead letters, for another queue to send again; `None`
+    /// when no dead run has that name.
+    async fn unbury_run(&self, name: &str) -> Result<Option<QueuedRun>, StoreError>;
+
     /// The dead runs' names, most recently submitted first.
     async fn dead_runs(&self, limit: u32) -> Result<Vec<String>, StoreError>;
 
@@ -174,6 +183,9 @@ pub trait Store: Send + Sync {
             }
         }
     }
+    /// Writes runs in one transaction, except those whose name is stored already: their
+    /// record stays (a run's first record, written while it may already be running).
+    async fn add_runs(&self, runs: &[Run]) -> Result<(), StoreError>;
     /// One run by name.
     async fn get_run(&self, name: &str) -> Result<Option<Run>, StoreError>;
     /// Runs matching `query`, newest first (start time, then name), at most `query.limit`.

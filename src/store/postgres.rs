@@ -126,6 +126,40 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
 }
 
 impl PostgresStore {
+    /// Writes runs in one statement; `on_conflict` says what becomes of a stored name.
+    async fn write_runs(&self, runs: &[Run], on_conflict: &'static str) -> Result<(), StoreError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let c = RunColumns::of(runs)?;
+        let client = self.client().await?;
+        // One statement is one transaction: every run is written, or none is.
+        let stmt = client
+            .prepare_cached(&format!(
+                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[],
+                                      $5::text[], $6::text[])
+                 {on_conflict}"
+            ))
+            .await
+            .map_err(pg)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &c.name,
+                    &c.function_name,
+                    &c.status,
+                    &c.started_us,
+                    &c.tags,
+                    &c.record,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
     /// Connects to the database at `url` (`postgres://user:password@host:port/db` or
     /// `host=... user=...`) and brings its schema up to date.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -459,38 +493,17 @@ impl Store for PostgresStore {
     }
 
     async fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
-        if runs.is_empty() {
-            return Ok(());
-        }
-        let c = RunColumns::of(runs)?;
-        let client = self.client().await?;
-        // One statement is one transaction: every run is written, or none is.
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO runs (name, function_name, status, started_us, tags, record)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[],
-                                      $5::text[], $6::text[])
-                 ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
-                   status = excluded.status, started_us = excluded.started_us,
-                   tags = excluded.tags, record = excluded.record",
-            )
-            .await
-            .map_err(pg)?;
-        client
-            .execute(
-                &stmt,
-                &[
-                    &c.name,
-                    &c.function_name,
-                    &c.status,
-                    &c.started_us,
-                    &c.tags,
-                    &c.record,
-                ],
-            )
-            .await
-            .map_err(pg)?;
-        Ok(())
+        self.write_runs(
+            runs,
+            "ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
+               status = excluded.status, started_us = excluded.started_us,
+               tags = excluded.tags, record = excluded.record",
+        )
+        .await
+    }
+
+    async fn add_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
+        self.write_runs(runs, "ON CONFLICT (name) DO NOTHING").await
     }
 
     async fn enqueue_runs(&self, runs: &[(Run, QueuedRun)]) -> Result<(), StoreError> {
@@ -526,19 +539,10 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-            tx.execute(
-                &queue,
-                &[
-                    &queued.name,
-                    &queued.function_name,
-                    &queued.job,
-                    &(queued.attempts as i32),
-                    &queued.not_before_us,
-                    &queued.submitted_us,
-                ],
-            )
-            .await
-            .map_err(pg)?;
+            let attempts = queued.attempts as i32;
+            tx.execute(&queue, &queue_params(queued, &attempts))
+                .await
+                .map_err(pg)?;
         }
         tx.commit().await.map_err(pg)
     }
@@ -562,17 +566,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(rows
-            .iter()
-            .map(|r| QueuedRun {
-                name: r.get(0),
-                function_name: r.get(1),
-                job: r.get(2),
-                attempts: r.get::<_, i32>(3) as u32,
-                not_before_us: r.get(4),
-                submitted_us: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(queued_run).collect())
     }
 
     async fn hold_run(&self, name: &str, until_us: i64) -> Result<(), StoreError> {
@@ -623,6 +617,37 @@ impl Store for PostgresStore {
             .await
             .map_err(pg)?;
         Ok(changed == 1)
+    }
+
+    async fn bury_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO queue (name, function_name, job, attempts, not_before_us,
+                                    submitted_us, dead)
+                 VALUES ($1, $2, $3, $4, $5, $6, true)
+                 ON CONFLICT (name) DO UPDATE SET job = excluded.job,
+                   attempts = excluded.attempts, dead = true, held_until_us = 0",
+                &queue_params(queued, &(queued.attempts as i32)),
+            )
+            .await
+            .map_err(pg)?;
+        drop(client);
+        // The record and the (now dead) entry, as the embedded queue's end writes them.
+        self.finish_queued(run, true).await
+    }
+
+    async fn unbury_run(&self, name: &str) -> Result<Option<QueuedRun>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "DELETE FROM queue WHERE name = $1 AND dead
+                 RETURNING name, function_name, job, attempts, not_before_us, submitted_us",
+                &[&name],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|r| queued_run(&r)))
     }
 
     async fn finish_queued(&self, run: &Run, dead: bool) -> Result<(), StoreError> {
@@ -982,6 +1007,33 @@ async fn listen_once(
         }
     }
     Err("the listening connection closed".to_string())
+}
+
+/// The values of a queue row, in that order; `attempts` as the column's type.
+fn queue_params<'a>(
+    q: &'a QueuedRun,
+    attempts: &'a i32,
+) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 6] {
+    [
+        &q.name,
+        &q.function_name,
+        &q.job,
+        attempts,
+        &q.not_before_us,
+        &q.submitted_us,
+    ]
+}
+
+/// A queue row: name, function_name, job, attempts, not_before_us, submitted_us.
+fn queued_run(r: &tokio_postgres::Row) -> QueuedRun {
+    QueuedRun {
+        name: r.get(0),
+        function_name: r.get(1),
+        job: r.get(2),
+        attempts: r.get::<_, i32>(3) as u32,
+        not_before_us: r.get(4),
+        submitted_us: r.get(5),
+    }
 }
 
 #[cfg(test)]

@@ -77,6 +77,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX call_batches_by_function ON call_batches (function_name, last_us);",
 ];
 
+/// What writing a run over a stored one of the same name does: replaces it.
+const REPLACE_RUN: &str = "ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
+    status = excluded.status, started_us = excluded.started_us, tags = excluded.tags,
+    record = excluded.record";
+
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -295,16 +300,14 @@ impl RunRow {
     }
 }
 
-/// Writes runs, replacing those of the same names (inside the caller's transaction).
-fn upsert_runs(conn: &Connection, rows: &[RunRow]) -> Result<(), StoreError> {
+/// Writes runs (inside the caller's transaction); `on_conflict` says what becomes of a
+/// stored name.
+fn insert_runs(conn: &Connection, rows: &[RunRow], on_conflict: &str) -> Result<(), StoreError> {
     let mut insert = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "INSERT INTO runs (name, function_name, status, started_us, tags, record)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (name) DO UPDATE SET function_name = excluded.function_name,
-               status = excluded.status, started_us = excluded.started_us,
-               tags = excluded.tags, record = excluded.record",
-        )
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) {on_conflict}"
+        ))
         .map_err(backend)?;
     for r in rows {
         r.insert_with(&mut insert)?;
@@ -443,8 +446,18 @@ impl Store for SqliteStore {
         let batches = calls.to_vec();
         self.with(move |conn| {
             let tx = conn.unchecked_transaction().map_err(backend)?;
-            upsert_runs(&tx, &rows)?;
+            insert_runs(&tx, &rows, REPLACE_RUN)?;
             calls::insert(&tx, &batches)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
+        let rows = runs.iter().map(RunRow::of).collect::<Result<Vec<_>, _>>()?;
+        self.with(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(backend)?;
+            insert_runs(&tx, &rows, "ON CONFLICT (name) DO NOTHING")?;
             tx.commit().map_err(backend)
         })
         .await
@@ -567,16 +580,7 @@ impl Store for SqliteStore {
                     .map_err(backend)?;
                 for (r, q) in &rows {
                     r.insert_with(&mut record)?;
-                    queue
-                        .execute(params![
-                            q.name,
-                            q.function_name,
-                            q.job,
-                            q.attempts,
-                            q.not_before_us,
-                            q.submitted_us
-                        ])
-                        .map_err(backend)?;
+                    queue.execute(queue_params(q)).map_err(backend)?;
                 }
             }
             tx.commit().map_err(backend)
@@ -601,16 +605,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(backend)?;
             let rows = take
-                .query_map(params![now_us, hold_until_us, limit], |r| {
-                    Ok(QueuedRun {
-                        name: r.get(0)?,
-                        function_name: r.get(1)?,
-                        job: r.get(2)?,
-                        attempts: r.get(3)?,
-                        not_before_us: r.get(4)?,
-                        submitted_us: r.get(5)?,
-                    })
-                })
+                .query_map(params![now_us, hold_until_us, limit], queued_row)
                 .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
@@ -674,12 +669,46 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn bury_run(&self, run: &Run, queued: &QueuedRun) -> Result<(), StoreError> {
+        let q = queued.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO queue (name, function_name, job, attempts, not_before_us,
+                                    submitted_us, dead)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)
+                 ON CONFLICT (name) DO UPDATE SET job = excluded.job,
+                   attempts = excluded.attempts, dead = 1, held_until_us = 0",
+                queue_params(&q),
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await?;
+        // The record and the (now dead) entry, as the embedded queue's end writes them.
+        self.finish_queued(run, true).await
+    }
+
+    async fn unbury_run(&self, name: &str) -> Result<Option<QueuedRun>, StoreError> {
+        let name = name.to_string();
+        self.with(move |conn| {
+            conn.query_row(
+                "DELETE FROM queue WHERE name = ?1 AND dead = 1
+                 RETURNING name, function_name, job, attempts, not_before_us, submitted_us",
+                params![name],
+                queued_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn finish_queued(&self, run: &Run, dead: bool) -> Result<(), StoreError> {
         let row = RunRow::of(run)?;
         let name = run.name.clone();
         self.with(move |conn| {
             let tx = conn.unchecked_transaction().map_err(backend)?;
-            upsert_runs(&tx, std::slice::from_ref(&row))?;
+            insert_runs(&tx, std::slice::from_ref(&row), REPLACE_RUN)?;
             let leave = if dead {
                 "UPDATE queue SET dead = 1, held_until_us = 0 WHERE name = ?1"
             } else {
@@ -843,6 +872,31 @@ impl Store for SqliteStore {
     async fn delete_subscription(&self, name: &str) -> Result<(), StoreError> {
         self.doc_delete(CatalogKind::Subscription, name).await
     }
+}
+
+/// A queue row: name, function_name, job, attempts, not_before_us, submitted_us.
+fn queued_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRun> {
+    Ok(QueuedRun {
+        name: r.get(0)?,
+        function_name: r.get(1)?,
+        job: r.get(2)?,
+        attempts: r.get(3)?,
+        not_before_us: r.get(4)?,
+        submitted_us: r.get(5)?,
+    })
+}
+
+/// The values of a queue row, in the order name, function_name, job, attempts,
+/// not_before_us, submitted_us.
+fn queue_params(q: &QueuedRun) -> [&dyn rusqlite::ToSql; 6] {
+    [
+        &q.name,
+        &q.function_name,
+        &q.job,
+        &q.attempts,
+        &q.not_before_us,
+        &q.submitted_us,
+    ]
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod rabbit;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -562,12 +563,25 @@ impl Connection {
     }
 
     pub async fn request(&mut self, method: Method, path: &str, body: Bytes) -> Reply {
+        self.request_with(method, path, &[], body).await
+    }
+
+    /// The same, with `headers`.
+    pub async fn request_with(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::HOST, self.addr.to_string())
-            .body(Full::new(body))
-            .expect("request");
+            .header(http::header::HOST, self.addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut req = req.body(Full::new(body)).expect("request");
         authorize(path, req.headers_mut());
         let work = async {
             self.sender.ready().await.expect("connection still open");
@@ -1211,6 +1225,18 @@ impl Metrics {
 // Runs and the client
 // ---------------------------------------------------------------------------------------
 
+/// Submits an async run of `function` with `input`, asserting the 202; gives the run.
+pub async fn submit_run(gw: &Gateway, function: &str, input: Value) -> Value {
+    let reply = gw
+        .post_json(
+            &format!("/v1/runs?functionName={function}"),
+            &json!({"input": input}),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    reply.json()
+}
+
 /// Waits until run `name` is READY or ERROR, and gives it.
 pub async fn run_finished(gw: &Gateway, name: &str, within: Duration) -> Value {
     let until = Instant::now() + within;
@@ -1229,6 +1255,31 @@ pub async fn run_finished(gw: &Gateway, name: &str, within: Duration) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Dead run `name` (input `{"name": "Hodor"}`) of a function whose upstream is to be at
+/// `addr`: listed by `dispatch get runs --dead`; then, an envelope upstream started on
+/// `addr`, sent again by `dispatch retry` and READY, having called it once. Gives the
+/// upstream.
+pub async fn dead_run_sent_again_by_the_cli(
+    gw: &Gateway,
+    name: &str,
+    addr: SocketAddr,
+) -> Upstream {
+    let port = gw.addr.port().to_string();
+    let (code, out) = dispatch_cli(&["get", "runs", "--dead", "-o", "json", "--port", &port]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(name), "{out}");
+    let up = Upstream::start_on(addr, Behavior::Envelope, false).await;
+    let (code, out) = dispatch_cli(&["retry", name, "--port", &port]).await;
+    assert_eq!(code, 0, "{out}");
+    let accepted: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(accepted["status"], "INITIALIZED");
+    let run = run_finished(gw, name, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert_eq!(run["output"]["greeting"], "Hello, Hodor");
+    assert_eq!(up.stats.requests(), 1);
+    up
 }
 
 /// Runs the `dispatch` client with `args` (in a HOME of its own, so no real config.json

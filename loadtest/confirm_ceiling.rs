@@ -1,0 +1,78 @@
+//! The ceiling that async accepts on RabbitMQ are measured against: a bare lapin loop that
+//! publishes persistent messages (of about a run's size) to a durable queue of its own,
+//! publisher confirms pipelined (at most `WINDOW` awaited at once, as the gateway's
+//! `queue.confirm_window`), for `DURATION` seconds, then deletes its queue.
+//!
+//! `cargo run --release --example confirm_ceiling` (env: AMQP_URL, DURATION=10,
+//! WINDOW=1024, BODY_BYTES=300). Prints `CEILING <confirmed> <per second>`.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), lapin::Error> {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let duration = Duration::from_secs(env("DURATION", 10));
+    let window: usize = env("WINDOW", 1024);
+    let body = vec![b'x'; env("BODY_BYTES", 300)];
+    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    let queue = format!("dispatch-ceiling-{}", std::process::id());
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut pending = FuturesUnordered::new();
+    let mut confirmed = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        while pending.len() < window {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            pending.push(confirm);
+        }
+        if let Some(confirmation) = pending.next().await {
+            assert!(confirmation?.is_ack(), "the broker refused a message");
+            confirmed += 1;
+        }
+    }
+    while let Some(confirmation) = pending.next().await {
+        assert!(confirmation?.is_ack(), "the broker refused a message");
+        confirmed += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = conn.close(200, "done".into()).await;
+    println!("CEILING {confirmed} {:.0}", confirmed as f64 / elapsed);
+    Ok(())
+}

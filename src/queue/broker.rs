@@ -1,0 +1,503 @@
+//! The RabbitMQ connection of the `rabbitmq` queue backend, and the loop that keeps it.
+//!
+//! One task owns the connection ([`Broker::start`]). Each time it connects it declares the
+//! topology (every queue durable), opens a publishing channel in confirm mode and a
+//! consuming channel whose prefetch is the workers' in-flight bound, and then serves both
+//! until the connection is lost; then it waits (exponential backoff with jitter) and does
+//! it all again. lapin's own recovery is not used: this loop is the one place that knows
+//! whether the gateway is connected, and while it is not, publishes fail at once (a 503
+//! with `Retry-After` for a submit) instead of waiting on a connection that may not come.
+//!
+//! Publishing is pipelined: callers hand messages to the owning task through a channel;
+//! the task publishes what has queued up, in order, and keeps each publish's confirm in a
+//! set it polls beside everything else, answering each caller when its own confirm
+//! arrives. At most `queue.confirm_window` publishes await their confirm at once; more
+//! wait in the channel. A publish whose confirm never comes (the connection dropped) is
+//! answered with an error, never with a success. Every publish is `mandatory`: a message
+//! no queue takes comes back and its caller gets an error, not a 202 for nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::error::Error;
+use crate::metrics::BrokerMetrics;
+
+/// The queues of one deployment (`queue.name_prefix`), declared on every connect.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Where submitted runs wait for a worker: `<prefix>.runs`.
+    pub work: String,
+    /// Where runs that ended ERROR are kept: `<prefix>.dead`.
+    pub dead: String,
+    /// The delay queues, `<prefix>.delay.<ms>ms`, with their longest wait: a message
+    /// waits there until it expires, then goes back to the work queue.
+    pub delays: Vec<(String, u64)>,
+}
+
+impl Topology {
+    /// The delay queue for a wait of at most `ceiling_ms`.
+    pub fn delay_queue(prefix: &str, ceiling_ms: u64) -> String {
+        format!("{prefix}.delay.{ceiling_ms}ms")
+    }
+}
+
+/// A message to publish to a queue (through the default exchange).
+pub struct Outgoing {
+    pub queue: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+struct Publish {
+    out: Outgoing,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// How long a caller is told to wait before submitting again while the broker is away.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The wait between connection attempts: doubled from the first to the last, with jitter.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How often the depth of the queues is asked for.
+const DEPTH_EVERY: Duration = Duration::from_secs(5);
+
+/// The connection's owner, as the rest of the gateway sees it.
+pub struct Broker {
+    tx: mpsc::Sender<Publish>,
+    connected: AtomicBool,
+    /// Set by [`Broker::close`]: the loop closes the connection and ends.
+    stop: Notify,
+    stopping: AtomicBool,
+    metrics: BrokerMetrics,
+}
+
+/// What one connection holds.
+struct Session {
+    conn: Connection,
+    publish: Channel,
+    consumer: Consumer,
+    /// For passive declares (queue depth), apart from the publishing channel.
+    inspect: Channel,
+}
+
+impl Broker {
+    /// Starts the connection loop and waits for its first attempt (so that a gateway
+    /// started beside a running broker accepts at once; one started without waits for
+    /// nothing and answers 503 until connected). Deliveries of the work queue go to the
+    /// returned receiver.
+    pub async fn start(
+        url: &str,
+        topology: Topology,
+        prefetch: u16,
+        window: usize,
+        metrics: BrokerMetrics,
+    ) -> (Arc<Broker>, mpsc::UnboundedReceiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(window.max(64));
+        let (deliveries, received) = mpsc::unbounded_channel();
+        let broker = Arc::new(Broker {
+            tx,
+            connected: AtomicBool::new(false),
+            stop: Notify::new(),
+            stopping: AtomicBool::new(false),
+            metrics,
+        });
+        let (first, tried) = oneshot::channel();
+        let keeper = Keeper {
+            broker: broker.clone(),
+            url: url.to_string(),
+            topology,
+            prefetch,
+            window,
+        };
+        tokio::spawn(keeper.run(rx, deliveries, first));
+        let _ = tokio::time::timeout(Duration::from_secs(10), tried).await;
+        (broker, received)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// The error a caller gets while the broker is out of reach.
+    pub fn unavailable(why: impl std::fmt::Display) -> Error {
+        Error::QueueUnavailable {
+            message: format!(
+                "RabbitMQ is not available ({why}); the run was not accepted, try again"
+            ),
+            retry_after: RETRY_AFTER,
+        }
+    }
+
+    /// Publishes `out` and returns once the broker confirmed it (persisted, routed to its
+    /// queue); an error when it is not connected, refused it, or the connection dropped
+    /// before its confirm.
+    pub async fn publish(&self, out: Outgoing) -> Result<(), Error> {
+        if !self.connected() {
+            return Err(Self::unavailable("not connected"));
+        }
+        let (done, confirmed) = oneshot::channel();
+        self.tx
+            .send(Publish { out, done })
+            .await
+            .map_err(|_| Self::unavailable("the connection task has stopped"))?;
+        match confirmed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(Self::unavailable(why)),
+            Err(_) => Err(Self::unavailable(
+                "the connection was lost before the broker confirmed",
+            )),
+        }
+    }
+
+    /// Closes the connection for good (shutdown): the broker delivers the messages of
+    /// runs not finished here again, to whoever consumes.
+    pub fn close(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_one();
+    }
+}
+
+/// The task that owns the connection.
+struct Keeper {
+    broker: Arc<Broker>,
+    url: String,
+    topology: Topology,
+    prefetch: u16,
+    window: usize,
+}
+
+impl Keeper {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<Publish>,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+        first: oneshot::Sender<()>,
+    ) {
+        let mut first = Some(first);
+        let mut wait = RECONNECT_FIRST;
+        let mut connections = 0u64;
+        let metrics = &self.broker.metrics;
+        loop {
+            match self.connect().await {
+                Ok(session) => {
+                    connections += 1;
+                    if connections > 1 {
+                        metrics.reconnects.inc();
+                        tracing::info!("queue: reconnected to RabbitMQ");
+                    }
+                    wait = RECONNECT_FIRST;
+                    self.broker.connected.store(true, Ordering::Release);
+                    metrics.connected.set(1);
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
+                    }
+                    let why = self.serve(&session, &mut rx, &deliveries).await;
+                    self.broker.connected.store(false, Ordering::Release);
+                    metrics.connected.set(0);
+                    metrics.unconfirmed.set(0);
+                    let _ = session
+                        .conn
+                        .close(200, "dispatch: reconnecting".into())
+                        .await;
+                    if self.broker.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    tracing::warn!(why = %why, "queue: RabbitMQ connection lost; reconnecting");
+                }
+                Err(e) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
+                    }
+                    tracing::warn!(error = %e, url = %redact(&self.url), retry_ms = wait.as_millis() as u64, "queue: cannot connect to RabbitMQ");
+                }
+            }
+            // Until the next attempt, publishes are answered at once: not connected.
+            let jittered = wait / 2 + wait.mul_f64(fastrand::f64() / 2.0);
+            let next = tokio::time::Instant::now() + jittered;
+            wait = (wait * 2).min(RECONNECT_MAX);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => break,
+                    () = self.broker.stop.notified() => return,
+                    publish = rx.recv() => match publish {
+                        Some(p) => { let _ = p.done.send(Err("not connected".into())); }
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Connects, declares the topology and opens the channels.
+    async fn connect(&self) -> Result<Session, lapin::Error> {
+        let properties =
+            ConnectionProperties::default().with_connection_name("dispatch gateway".into());
+        let conn = Connection::connect(&self.url, properties).await?;
+        let setup = conn.create_channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let t = &self.topology;
+        for queue in [&t.work, &t.dead] {
+            setup
+                .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+                .await?;
+        }
+        for (queue, ceiling_ms) in &t.delays {
+            // Expired messages go back to the work queue; a message's own expiration
+            // (the jittered backoff) is at most the queue's.
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(t.work.as_str().into()),
+            );
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(*ceiling_ms as i64),
+            );
+            setup
+                .queue_declare(queue.as_str().into(), durable, args)
+                .await?;
+        }
+        let publish = conn.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consume = conn.create_channel().await?;
+        consume
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("dispatch-{}-{}", std::process::id(), crate::model::new_id());
+        let consumer = consume
+            .basic_consume(
+                t.work.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Session {
+            conn,
+            publish,
+            consumer,
+            inspect: setup,
+        })
+    }
+
+    /// Publishes, answers confirms and hands deliveries on, until the connection is lost
+    /// (or the gateway stops); says why it ended.
+    async fn serve(
+        &self,
+        session: &Session,
+        rx: &mut mpsc::Receiver<Publish>,
+        deliveries: &mpsc::UnboundedSender<Delivery>,
+    ) -> String {
+        let metrics = &self.broker.metrics;
+        let mut events = session.conn.events_listener().boxed();
+        let mut consumer = session.consumer.clone();
+        let mut pending: FuturesUnordered<BoxFuture<'static, Answer>> = FuturesUnordered::new();
+        let mut depth = tokio::time::interval(DEPTH_EVERY);
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) => return format!("connection error: {e}"),
+                    None => return "the connection closed".into(),
+                    Some(_) => {}
+                },
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => { let _ = deliveries.send(delivery); }
+                    Some(Err(e)) => return format!("consumer: {e}"),
+                    None => return "the broker cancelled the consumer".into(),
+                },
+                Some(answer) = pending.next(), if !pending.is_empty() => {
+                    metrics.unconfirmed.dec();
+                    if let Some(why) = self.answer(answer) {
+                        return why;
+                    }
+                }
+                publish = rx.recv(), if pending.len() < self.window => {
+                    let Some(first) = publish else { return "the gateway stopped".into() };
+                    let room = self.window - pending.len();
+                    let mut batch = vec![first];
+                    while batch.len() < room {
+                        match rx.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(why) = self.publish(&session.publish, batch, &mut pending).await {
+                        return why;
+                    }
+                }
+                _ = depth.tick() => {
+                    if let Err(e) = self.depths(&session.inspect).await {
+                        return format!("queue depth: {e}");
+                    }
+                }
+                () = self.broker.stop.notified() => return "the gateway stopped".into(),
+            }
+        }
+    }
+
+    /// Publishes a batch in order and puts each one's confirm with the pending ones. The
+    /// frames of the whole batch are queued before any is waited on (a publish's future
+    /// registers its confirm and queues its frames when first polled, and they are polled
+    /// in order), so the batch goes out in one write.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        batch: Vec<Publish>,
+        pending: &mut FuturesUnordered<BoxFuture<'static, Answer>>,
+    ) -> Result<(), String> {
+        let metrics = &self.broker.metrics;
+        let (outs, dones): (Vec<Outgoing>, Vec<_>) =
+            batch.into_iter().map(|p| (p.out, p.done)).unzip();
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let mut sends = Vec::with_capacity(outs.len());
+        for out in &outs {
+            let mut send = Box::pin(channel.basic_publish(
+                "".into(),
+                out.queue.as_str().into(),
+                mandatory,
+                &out.body,
+                out.properties.clone(),
+            ));
+            let polled = futures_util::poll!(send.as_mut());
+            sends.push((send, polled));
+        }
+        let mut failed = None;
+        for ((send, polled), done) in sends.into_iter().zip(dones) {
+            let sent = match polled {
+                std::task::Poll::Ready(sent) => sent,
+                std::task::Poll::Pending => send.await,
+            };
+            match sent {
+                Ok(confirm) => {
+                    metrics.published.inc();
+                    metrics.unconfirmed.inc();
+                    pending.push(Box::pin(async move { Answer(confirm.await, done) }));
+                }
+                Err(e) => {
+                    let _ = done.send(Err(format!("publish failed: {e}")));
+                    failed.get_or_insert_with(|| format!("publish failed: {e}"));
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Answers one publisher with what the broker said; says why the connection must be
+    /// opened again, if it must.
+    fn answer(&self, Answer(confirmation, done): Answer) -> Option<String> {
+        let metrics = &self.broker.metrics;
+        let (result, reopen) = match confirmation {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
+                metrics.confirmed.inc();
+                (Ok(()), None)
+            }
+            Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+                // No queue took it: the topology is gone (deleted by hand); declare again.
+                metrics.returned.inc();
+                let why = format!(
+                    "the broker returned the message ({} {})",
+                    returned.reply_code, returned.reply_text
+                );
+                (Err(why.clone()), Some(why))
+            }
+            Ok(Confirmation::Nack(None)) => {
+                metrics.nacked.inc();
+                (Err("the broker refused the message (nack)".into()), None)
+            }
+            Err(e) => (Err(format!("no confirm: {e}")), None),
+        };
+        let _ = done.send(result);
+        reopen
+    }
+
+    /// Asks the broker how many messages wait in the work, delay and dead queues.
+    async fn depths(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let t = &self.topology;
+        let mut delayed = 0;
+        let queues = [(&t.work, "runs"), (&t.dead, "dead")]
+            .into_iter()
+            .chain(t.delays.iter().map(|(q, _)| (q, "delay")));
+        for (queue, label) in queues {
+            let declared = channel
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await?;
+            let count = i64::from(declared.message_count());
+            if label == "delay" {
+                delayed += count;
+            } else {
+                self.broker
+                    .metrics
+                    .depth
+                    .with_label_values(&[label])
+                    .set(count);
+            }
+        }
+        self.broker
+            .metrics
+            .depth
+            .with_label_values(&["delay"])
+            .set(delayed);
+        Ok(())
+    }
+}
+
+/// A publish's confirm (or why none came), with its caller.
+struct Answer(
+    Result<Confirmation, lapin::Error>,
+    oneshot::Sender<Result<(), String>>,
+);
+
+/// An AMQP URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}

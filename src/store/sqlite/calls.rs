@@ -31,7 +31,7 @@ pub fn insert(conn: &Connection, batches: &[CallBatch]) -> Result<(), StoreError
                 b.last_us,
                 b.calls as i64,
                 b.errors as i64,
-                b.packed
+                b.packed.as_slice()
             ])
             .map_err(backend)?;
     }

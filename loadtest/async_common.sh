@@ -35,7 +35,8 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 # The control API's token (a token of our own: nothing is written into ~/.dispatch).
 export DISPATCH_AUTH_TOKEN="loadtest-$RANDOM$RANDOM$RANDOM"
 
-# Starts the upstream nginx on a free port: sets UP.
+# Starts the upstream nginx on a free port (under a command prefix given as arguments,
+# e.g. `taskset -c 1`): sets UP.
 start_fast_upstream() {
   UP=$(port)
   mkdir -p "$TMP/up"
@@ -46,7 +47,7 @@ http { access_log off; client_body_temp_path $TMP/up; proxy_temp_path $TMP/up; f
        uwsgi_temp_path $TMP/up; scgi_temp_path $TMP/up;
        server { listen 127.0.0.1:$UP; location / { return 200 "done\n"; } } }
 C
-  "$NGINX" -p "$TMP/up" -e "$TMP/up/err" -c "$TMP/up/nginx.conf" & PIDS+=($!)
+  "$@" "$NGINX" -p "$TMP/up" -e "$TMP/up/err" -c "$TMP/up/nginx.conf" & PIDS+=($!)
 }
 
 # Starts the gateway (with `env` assignments given as arguments), registers the raw

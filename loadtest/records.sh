@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What recording raw calls costs, two ways, on one gateway with two raw functions on the
-# same upstream (an nginx answering "hello, world"): `echo` records nothing, `echo-rec`
+# same upstream (an nginx answering "done"): `echo` records nothing, `echo-rec`
 # every call (the default).
 #
 #  MODE=cpu (default): the gateway pinned to CPU 0, wrk (-t1 -c64) and the upstream on CPU 1;
@@ -30,16 +30,7 @@ source "$SCRIPT_DIR/async_common.sh"
 [[ $MODE == cpu || $MODE == callgrind ]] || die "MODE is cpu or callgrind"
 if [[ $MODE == callgrind ]]; then command -v valgrind >/dev/null || die "valgrind not found (apt-get install valgrind)"; fi
 
-UP=$(port)
-mkdir -p "$TMP/up"
-cat >"$TMP/up/nginx.conf" <<C
-daemon off; worker_processes 1; pid $TMP/up/pid; error_log $TMP/up/err warn;
-events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $TMP/up; proxy_temp_path $TMP/up; fastcgi_temp_path $TMP/up;
-       uwsgi_temp_path $TMP/up; scgi_temp_path $TMP/up;
-       server { listen 127.0.0.1:$UP; location / { return 200 "hello, world\n"; } } }
-C
-taskset -c 1 "$NGINX" -p "$TMP/up" -e "$TMP/up/err" -c "$TMP/up/nginx.conf" & PIDS+=($!)
+start_fast_upstream taskset -c 1
 cat >"$TMP/post.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"

@@ -36,16 +36,18 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 export DISPATCH_AUTH_TOKEN="loadtest-$RANDOM$RANDOM$RANDOM"
 
 # Starts the upstream nginx on a free port (under a command prefix given as arguments,
-# e.g. `taskset -c 1`): sets UP.
+# e.g. `taskset -c 1`): sets UP. It answers UPSTREAM_BODY (an nginx string, quoted),
+# by default "done\n".
 start_fast_upstream() {
   UP=$(port)
+  local body=${UPSTREAM_BODY:-'"done\n"'}
   mkdir -p "$TMP/up"
   cat >"$TMP/up/nginx.conf" <<C
 daemon off; worker_processes 1; pid $TMP/up/pid; error_log $TMP/up/err warn;
 events { worker_connections 4096; }
 http { access_log off; client_body_temp_path $TMP/up; proxy_temp_path $TMP/up; fastcgi_temp_path $TMP/up;
        uwsgi_temp_path $TMP/up; scgi_temp_path $TMP/up;
-       server { listen 127.0.0.1:$UP; location / { return 200 "done\n"; } } }
+       server { listen 127.0.0.1:$UP; location / { return 200 $body; } } }
 C
   "$@" "$NGINX" -p "$TMP/up" -e "$TMP/up/err" -c "$TMP/up/nginx.conf" & PIDS+=($!)
 }

@@ -41,16 +41,69 @@ pub fn protects(path: &str) -> bool {
 
 /// The tokens the control API accepts.
 pub struct ControlAuth {
-    /// SHA-256 of each accepted token. Empty when `auth.skip` is set (then every caller
-    /// is let in).
+    /// Empty when `auth.skip` is set (then every caller is let in).
+    tokens: Credentials,
+}
+
+/// Bearer tokens (or API keys), held as SHA-256 digests and compared in constant time.
+pub struct Credentials {
     digests: Vec<[u8; 32]>,
+}
+
+/// Why [`Credentials::verify`] refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Authorization` header.
+    Missing,
+    /// One that is not `Bearer <token>`.
+    Malformed,
+    /// A token that is none of them.
+    Wrong,
+}
+
+impl Credentials {
+    pub fn new<'a>(tokens: impl IntoIterator<Item = &'a str>) -> Credentials {
+        Credentials {
+            digests: tokens.into_iter().map(digest).collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// The digest of the request's bearer token when it is one of these (a name for the
+    /// caller that shows nothing of the token), or why not.
+    pub fn verify(&self, headers: &HeaderMap) -> Result<[u8; 32], Refusal> {
+        let value = headers
+            .get(http::header::AUTHORIZATION)
+            .ok_or(Refusal::Missing)?;
+        let presented = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or(Refusal::Malformed)?;
+        let presented = digest(presented);
+        // Every digest is compared, whichever matches: the time does not say which did.
+        let matched = self
+            .digests
+            .iter()
+            .fold(subtle::Choice::from(0), |any, d| any | d.ct_eq(&presented));
+        if bool::from(matched) {
+            Ok(presented)
+        } else {
+            Err(Refusal::Wrong)
+        }
+    }
 }
 
 impl ControlAuth {
     /// Every caller is let in (`auth.skip`).
     pub fn open() -> ControlAuth {
         ControlAuth {
-            digests: Vec::new(),
+            tokens: Credentials::new([]),
         }
     }
 
@@ -94,55 +147,41 @@ impl ControlAuth {
             check_token(token).map_err(|why| format!("{origin}: {why}"))?;
         }
         if !tokens.is_empty() {
-            let digests = tokens.iter().map(|(_, t)| digest(t)).collect();
-            return Ok((ControlAuth { digests }, None));
+            let tokens = Credentials::new(tokens.iter().map(|(_, t)| t.as_str()));
+            return Ok((ControlAuth { tokens }, None));
         }
         let kept = KeptToken::load_or_make(data_dir)?;
         let auth = ControlAuth {
-            digests: vec![digest(&kept.token)],
+            tokens: Credentials::new([kept.token.as_str()]),
         };
         Ok((auth, Some(kept)))
     }
 
     /// Lets a control request in, or says why not: 401 with `WWW-Authenticate`.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), Error> {
-        if self.digests.is_empty() {
+        if self.tokens.is_empty() {
             return Ok(());
         }
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Err(Error::Unauthorized {
-                message: "the control API (/v1/*) needs `Authorization: Bearer <token>` \
-                          (see auth in the gateway's configuration)"
-                    .into(),
-                challenge: CHALLENGE,
-            });
+        let (message, challenge) = match self.tokens.verify(headers) {
+            Ok(_) => return Ok(()),
+            Err(Refusal::Missing) => (
+                "the control API (/v1/*) needs `Authorization: Bearer <token>` \
+                 (see auth in the gateway's configuration)",
+                CHALLENGE,
+            ),
+            Err(Refusal::Malformed) => (
+                "Authorization: expected `Bearer <token>`",
+                CHALLENGE_INVALID,
+            ),
+            Err(Refusal::Wrong) => (
+                "the bearer token is not valid for this gateway",
+                CHALLENGE_INVALID,
+            ),
         };
-        let presented = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        let Some(presented) = presented else {
-            return Err(Error::Unauthorized {
-                message: "Authorization: expected `Bearer <token>`".into(),
-                challenge: CHALLENGE_INVALID,
-            });
-        };
-        let presented = digest(presented);
-        // Every digest is compared, whichever matches: the time does not say which did.
-        let matched = self
-            .digests
-            .iter()
-            .fold(subtle::Choice::from(0), |any, d| any | d.ct_eq(&presented));
-        if bool::from(matched) {
-            Ok(())
-        } else {
-            Err(Error::Unauthorized {
-                message: "the bearer token is not valid for this gateway".into(),
-                challenge: CHALLENGE_INVALID,
-            })
-        }
+        Err(Error::Unauthorized {
+            message: message.into(),
+            challenge,
+        })
     }
 }
 

@@ -1,4 +1,5 @@
-//! The catalog: base images, images and secrets, cached in memory beside the function
+//! The catalog: base images, images, secrets, subscriptions and APIs (with their compiled
+//! route table), cached in memory beside the function
 //! registry. The store is the source of truth; the control API writes the store first,
 //! then the catalog, and [`Catalog::follow`] applies what other gateways sharing the store
 //! change (PostgreSQL LISTEN/NOTIFY on `dispatch_catalog`). A run reads its secrets here,
@@ -13,7 +14,8 @@ use serde_json::{Map, Value};
 
 use crate::config::RuntimesConfig;
 use crate::error::Error;
-use crate::model::{BaseImage, Image, Runtime, Secret, Status, Subscription};
+use crate::ingress::routes::RouteTable;
+use crate::model::{Api, BaseImage, Image, Runtime, Secret, Status, Subscription};
 use crate::store::{CatalogKind, Change, Store, StoreError};
 
 pub struct Catalog {
@@ -22,6 +24,13 @@ pub struct Catalog {
     /// Shared, so a run takes its values without copying the whole secret under the lock.
     secrets: DashMap<String, Arc<Secret>>,
     subscriptions: DashMap<String, Subscription>,
+    apis: DashMap<String, Api>,
+    /// The enabled APIs compiled for the ingress listeners, swapped whole on every change
+    /// to `apis` (see `ingress/routes.rs`).
+    routes: arc_swap::ArcSwap<RouteTable>,
+    /// Taken by whoever compiles `routes` (writers only, never a request), so that two
+    /// changes at once cannot store their tables in the wrong order.
+    compiling: std::sync::Mutex<()>,
     /// Where the runtimes' interpreters are, for an image's status.
     runtimes: RuntimesConfig,
 }
@@ -33,6 +42,9 @@ impl Catalog {
             images: DashMap::new(),
             secrets: DashMap::new(),
             subscriptions: DashMap::new(),
+            apis: DashMap::new(),
+            routes: arc_swap::ArcSwap::from_pointee(RouteTable::default()),
+            compiling: std::sync::Mutex::new(()),
             runtimes,
         }
     }
@@ -46,12 +58,14 @@ impl Catalog {
             names(&self.images),
             names(&self.secrets),
             names(&self.subscriptions),
+            names(&self.apis),
         );
-        let (bases, images, secrets, subscriptions) = (
+        let (bases, images, secrets, subscriptions, apis) = (
             store.list_base_images().await?,
             store.list_images().await?,
             store.list_secrets().await?,
             store.list_subscriptions().await?,
+            crate::store::list_apis(store).await?,
         );
         replace_all(
             &self.base_images,
@@ -83,6 +97,12 @@ impl Catalog {
                 .map(|s| (s.name.clone(), s))
                 .collect(),
         );
+        replace_all(
+            &self.apis,
+            &before.4,
+            apis.into_iter().map(|a| (a.name.clone(), a)).collect(),
+        );
+        self.compile_routes();
         Ok(())
     }
 
@@ -269,6 +289,44 @@ impl Catalog {
         self.subscriptions.remove(name).map(|(_, s)| s)
     }
 
+    // --- APIs ---------------------------------------------------------------------------
+
+    pub fn api(&self, name: &str) -> Option<Api> {
+        self.apis.get(name).map(|a| a.clone())
+    }
+
+    /// Every API, by name.
+    pub fn apis(&self) -> Vec<Api> {
+        let mut all: Vec<Api> = self.apis.iter().map(|a| a.clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn put_api(&self, api: Api) {
+        self.apis.insert(api.name.clone(), api);
+        self.compile_routes();
+    }
+
+    pub fn remove_api(&self, name: &str) -> Option<Api> {
+        let removed = self.apis.remove(name).map(|(_, a)| a);
+        self.compile_routes();
+        removed
+    }
+
+    /// The route table now in force: one atomic load, no lock.
+    pub fn routes(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.routes.load()
+    }
+
+    fn compile_routes(&self) {
+        let _one_at_a_time = self.compiling.lock().unwrap_or_else(|e| e.into_inner());
+        let (table, left_out) = RouteTable::compile(self.apis());
+        for (api, other) in left_out {
+            tracing::warn!(%api, conflicts_with = %other, "API not served: it matches the same requests as another (created at the same moment on another gateway); change or delete one");
+        }
+        self.routes.store(Arc::new(table));
+    }
+
     // --- following other gateways ------------------------------------------------------
 
     /// Keeps the catalog in step with a store that other gateways share: each change is
@@ -325,6 +383,12 @@ impl Catalog {
                 Some(secret) => self.put_secret(secret),
                 None => {
                     self.remove_secret(name);
+                }
+            },
+            CatalogKind::Api => match crate::store::get_api(store, name).await? {
+                Some(api) => self.put_api(api),
+                None => {
+                    self.remove_api(name);
                 }
             },
             CatalogKind::Subscription => match store.get_subscription(name).await? {

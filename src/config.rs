@@ -27,6 +27,49 @@ pub struct Config {
     pub queue: QueueConfig,
     pub auth: AuthConfig,
     pub events: EventsConfig,
+    pub api: ApiConfig,
+}
+
+/// The listeners of API endpoints (`ingress/`). Its `Debug` hides the keys.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port`, or empty / `off` for no listener.
+    pub http: String,
+    pub https: String,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub keys: Vec<String>,
+}
+
+impl ApiConfig {
+    /// The plain HTTP listener's address, if there is one (checked at load).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        listener_addr(&self.http)
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        listener_addr(&self.https)
+    }
+}
+
+fn listener_addr(value: &str) -> Option<SocketAddr> {
+    match value.trim() {
+        "" | "off" => None,
+        addr => addr.parse().ok(),
+    }
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("http", &self.http)
+            .field("https", &self.https)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("keys", &format_args!("<{} hidden>", self.keys.len()))
+            .finish()
+    }
 }
 
 /// Who may use the control API (`/v1/*`): see [`crate::auth`]. Its `Debug` hides the
@@ -126,6 +169,9 @@ pub struct ServerConfig {
     /// before it closes: time for load balancers and Kubernetes to take this replica out.
     pub shutdown_delay_seconds: u64,
     pub log_format: LogFormat,
+    /// PEM certificate chain and key: the control listener speaks TLS when both are set.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -241,6 +287,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<String>,
     pub log_format: Option<String>,
+    pub api_http: Option<String>,
+    pub api_https: Option<String>,
 }
 
 /// Why the configuration could not be loaded: always names the file or the key.
@@ -279,6 +327,14 @@ impl Config {
             .map_err(|e| ConfigError(format!("{}: {}", e.path(), e.inner().message())))?;
         config.server.data_dir = expand_home(&config.server.data_dir);
         config.auth.token_file = expand_home(&config.auth.token_file);
+        for path in [
+            &mut config.api.tls_cert,
+            &mut config.api.tls_key,
+            &mut config.server.tls_cert,
+            &mut config.server.tls_key,
+        ] {
+            *path = expand_home(path);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -335,6 +391,31 @@ impl Config {
             return bad("queue", "poll_ms and hold_seconds must be greater than 0");
         }
         self.events.validate()?;
+        for (key, value) in [("api.http", &self.api.http), ("api.https", &self.api.https)] {
+            let value = value.trim();
+            if !matches!(value, "" | "off") && value.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError(format!(
+                    "{key}: \"{value}\" must be host:port (127.0.0.1:8443), or \"\" or \"off\" for no listener"
+                )));
+            }
+        }
+        for (section, cert, key) in [
+            ("api", &self.api.tls_cert, &self.api.tls_key),
+            ("server", &self.server.tls_cert, &self.server.tls_key),
+        ] {
+            if cert.as_os_str().is_empty() != key.as_os_str().is_empty() {
+                return Err(ConfigError(format!(
+                    "{section}.tls_cert and {section}.tls_key: set both (PEM files) or neither"
+                )));
+            }
+        }
+        for (i, key) in self.api.keys.iter().enumerate() {
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError(format!(
+                    "api.keys[{i}]: an API key must be visible ASCII characters, with no spaces"
+                )));
+            }
+        }
         if self.local.processes == 0 {
             return bad("local.processes", "must be at least 1");
         }
@@ -506,6 +587,15 @@ fn apply_env(
 }
 
 fn apply_flags(merged: &mut Table, flags: &Overrides) {
+    let api = merged
+        .get_mut("api")
+        .and_then(Value::as_table_mut)
+        .expect("defaults have [api]");
+    for (key, value) in [("http", &flags.api_http), ("https", &flags.api_https)] {
+        if let Some(v) = value {
+            api.insert(key.to_string(), Value::String(v.clone()));
+        }
+    }
     let server = merged
         .get_mut("server")
         .and_then(Value::as_table_mut)

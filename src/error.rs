@@ -31,11 +31,22 @@ pub enum Error {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
     Unprocessable(String),
+    /// An https-only API called over plain HTTP (426, as Kong answers).
+    #[error("{0}")]
+    UpgradeRequired(String),
     /// The function's concurrency limit and its wait queue are both full, or the wait
     /// ran out. `retry_after` becomes the `Retry-After` header.
     #[error("{message}")]
     TooManyRequests {
+        message: String,
+        retry_after: Duration,
+    },
+    /// An API's rate limit for this caller is spent (429 with `Retry-After`).
+    #[error("{message}")]
+    RateLimited {
         message: String,
         retry_after: Duration,
     },
@@ -77,8 +88,12 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
+            Error::TooManyRequests { .. } | Error::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -97,8 +112,11 @@ impl Error {
             Error::MethodNotAllowed(_) => "method-not-allowed",
             Error::Conflict(_) => "conflict",
             Error::PayloadTooLarge(_) => "payload-too-large",
+            Error::UnsupportedMediaType(_) => "unsupported-media-type",
             Error::Unprocessable(_) => "unprocessable",
+            Error::UpgradeRequired(_) => "https-required",
             Error::TooManyRequests { .. } => "concurrency-limit",
+            Error::RateLimited { .. } => "rate-limit",
             Error::NotImplemented(_) => "not-implemented",
             Error::Upstream { .. } => "upstream-unavailable",
             Error::Timeout { .. } => "upstream-timeout",
@@ -117,10 +135,22 @@ impl Error {
         let headers = resp.headers_mut();
         headers.insert("x-dispatch-error", HeaderValue::from_static(self.kind()));
         if let Error::TooManyRequests { retry_after, .. }
+        | Error::RateLimited { retry_after, .. }
         | Error::QueueUnavailable { retry_after, .. } = &self
         {
-            let secs = retry_after.as_secs().max(1);
+            // Rounded up: a client that waits as told is let in.
+            let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Error::UpgradeRequired(_) = &self {
+            headers.insert(
+                http::header::UPGRADE,
+                HeaderValue::from_static("TLS/1.2, HTTP/1.1"),
+            );
+            headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("Upgrade"),
+            );
         }
         if let Error::Unauthorized { challenge, .. } = &self {
             headers.insert(

@@ -771,3 +771,229 @@ impl Subscription {
         self.event_type == "*" || self.event_type == event_type
     }
 }
+
+/// An API endpoint (Dispatch's API manager, which Kong served): requests to one of its
+/// `uris` on one of its `hosts`, with one of its `methods`, over one of its `protocols`,
+/// run `function`. Served by the ingress listeners (`ingress/`), not the control API.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Api {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "api_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub function: String,
+    /// Upper-case HTTP methods; none given means GET.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Paths: `/hello` matches that path alone (and `/hello/`), `/hello/*` matches it and
+    /// everything under it; of several matching prefixes the longest wins.
+    #[serde(default)]
+    pub uris: Vec<String>,
+    /// Host names: `api.example.com`, or `*.example.com` for any name under it; none
+    /// means any host. An exact host wins over a wildcard, a wildcard over none.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// `http` and/or `https`; none given means both.
+    #[serde(default)]
+    pub protocols: Vec<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub cors: bool,
+    /// `public` (anyone) or `bearer` (an API key of `api.keys`, as `Authorization: Bearer`).
+    #[serde(default = "public")]
+    pub authentication: String,
+    /// Dispatch's field for a TLS secret; kept as given, the listeners' certificate serves.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls: String,
+    /// Requests per second per client address (or per API key), with a burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub reason: Vec<String>,
+    #[serde(default)]
+    pub created_time: i64,
+    #[serde(default)]
+    pub modified_time: i64,
+}
+
+/// A token bucket per caller: `perSecond` requests a second on average, up to `burst` at
+/// once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    /// Requests allowed at once; at least 1, and by default `perSecond` rounded up.
+    #[serde(default)]
+    pub burst: u32,
+    /// Who has a bucket: `client` (the caller's address, the default) or `key` (the
+    /// API key of a bearer API; the address for a public one).
+    #[serde(default = "by_client")]
+    pub by: String,
+}
+
+fn api_kind() -> String {
+    "API".to_string()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn public() -> String {
+    "public".to_string()
+}
+
+fn by_client() -> String {
+    "client".to_string()
+}
+
+/// The methods an API may name.
+const API_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+impl Api {
+    /// Fills in what a client may leave out (methods GET, protocols both, path `/NAME`,
+    /// a burst) and puts methods, hosts and protocols in their one spelling, then checks
+    /// every field, naming the first bad one.
+    pub fn normalize(&mut self) -> Result<(), Error> {
+        let bad = |field: &str, why: String| Err(Error::BadRequest(format!("{field}: {why}")));
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !word(&self.name) {
+            return bad(
+                "name",
+                format!(
+                    "\"{}\" must be 1 to 128 letters, digits, '-' or '_'",
+                    self.name
+                ),
+            );
+        }
+        if self.function.is_empty() {
+            return bad("function", "required".into());
+        }
+        if self.methods.is_empty() {
+            self.methods.push("GET".into());
+        }
+        for method in &mut self.methods {
+            *method = method.to_ascii_uppercase();
+            if !API_METHODS.contains(&method.as_str()) {
+                return bad(
+                    "methods",
+                    format!("\"{method}\" is not one of {}", API_METHODS.join(", ")),
+                );
+            }
+        }
+        dedup(&mut self.methods);
+        if self.uris.is_empty() {
+            self.uris.push(format!("/{}", self.name));
+        }
+        for uri in &self.uris {
+            check_api_path(uri)
+                .map_err(|why| Error::BadRequest(format!("uris: \"{uri}\" {why}")))?;
+        }
+        dedup(&mut self.uris);
+        for host in &mut self.hosts {
+            *host = host.to_ascii_lowercase();
+            check_api_host(host)
+                .map_err(|why| Error::BadRequest(format!("hosts: \"{host}\" {why}")))?;
+        }
+        dedup(&mut self.hosts);
+        if self.protocols.is_empty() {
+            self.protocols = vec!["http".into(), "https".into()];
+        }
+        for protocol in &mut self.protocols {
+            *protocol = protocol.to_ascii_lowercase();
+            if protocol != "http" && protocol != "https" {
+                return bad("protocols", format!("\"{protocol}\" must be http or https"));
+            }
+        }
+        dedup(&mut self.protocols);
+        if self.authentication.is_empty() {
+            self.authentication = public();
+        }
+        if self.authentication != "public" && self.authentication != "bearer" {
+            return bad(
+                "authentication",
+                format!("\"{}\" must be public or bearer", self.authentication),
+            );
+        }
+        if let Some(limit) = &mut self.rate_limit {
+            if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
+                return bad(
+                    "rateLimit.perSecond",
+                    format!("{} must be a number above 0", limit.per_second),
+                );
+            }
+            if limit.burst == 0 {
+                limit.burst = limit.per_second.ceil().min(u32::MAX as f64) as u32;
+            }
+            if limit.by != "client" && limit.by != "key" {
+                return bad(
+                    "rateLimit.by",
+                    format!("\"{}\" must be client or key", limit.by),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the API answers requests over `protocol` (`http` or `https`).
+    pub fn serves(&self, protocol: &str) -> bool {
+        self.protocols.iter().any(|p| p == protocol)
+    }
+}
+
+fn dedup(items: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    items.retain(|item| seen.insert(item.clone()));
+}
+
+/// An API path: absolute, no query, no `.` or `..` segment, and a `*` only as the last
+/// segment (`/hello/*`).
+fn check_api_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with /");
+    }
+    if path.len() > 1024 {
+        return Err("is longer than 1024 characters");
+    }
+    if path.contains(['?', '#', ' ']) || !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be visible ASCII without ?, # or spaces");
+    }
+    let body = path.strip_suffix("/*").unwrap_or(path);
+    if body.contains('*') {
+        return Err("may hold * only as its last segment (/prefix/*)");
+    }
+    if body.split('/').any(|s| s == "." || s == "..") {
+        return Err("may not hold . or .. segments");
+    }
+    Ok(())
+}
+
+/// A host name, or `*.` and a host name; lower case (normalized before).
+fn check_api_host(host: &str) -> Result<(), &'static str> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err("must be a host name (api.example.com) or *. and one (*.example.com)");
+    }
+    Ok(())
+}

@@ -1,7 +1,9 @@
-//! The server: opens the store, fills the registry from it, binds the listener and serves
-//! connections until shutdown, then shuts down in steps: unready (`/readyz` 503) while
-//! still serving for the shutdown delay, then stop accepting, then let calls in flight
-//! finish within the drain period, and return.
+//! The server: opens the store, fills the registry from it, binds the listeners (control,
+//! and the API endpoints' HTTP and HTTPS) and serves connections until shutdown, then
+//! shuts down in steps: unready (`/readyz` 503) while still serving for the shutdown
+//! delay, then stop accepting, then let calls in flight finish within the drain period,
+//! and return. Every listener goes through the same steps. SIGHUP reads the TLS
+//! certificates again.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,11 +14,12 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use http::header::CONNECTION;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, App};
 use crate::config::Config;
@@ -31,10 +34,14 @@ use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::supervisor::Supervisor;
+use crate::tls::Certificate;
 
 /// After the listener closes, how long open connections get to end by themselves (after
 /// their next answer) before the idle ones are closed.
 const IDLE_CLOSE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a client gets to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the server could not start; the message names the path, address or key.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,13 @@ pub struct StartError(String);
 pub struct Server {
     app: Arc<App>,
     listener: TcpListener,
+    /// The control listener's certificate, when it speaks TLS.
+    control_tls: Option<Arc<Certificate>>,
+    /// The API endpoints' listeners (either may be off).
+    api_http: Option<TcpListener>,
+    api_https: Option<(TcpListener, Arc<Certificate>)>,
+    /// The API certificate was made just now, self-signed (for the start-up line).
+    api_cert_made: bool,
     drain: Duration,
     /// On SIGTERM, how long the listener keeps accepting before it closes.
     shutdown_delay: Duration,
@@ -107,6 +121,14 @@ impl Server {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| StartError(format!("server.listen: cannot listen on {listen}: {e}")))?;
+        let control_tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (cert, _) if cert.as_os_str().is_empty() => None,
+            (cert, key) => Some(
+                Certificate::load(cert, key)
+                    .map_err(|e| StartError(format!("server.tls_cert: {e}")))?,
+            ),
+        };
+        let (api_http, api_https, api_cert_made) = bind_api(&config).await?;
         if let Some(kept) = kept_token {
             let bound = listener
                 .local_addr()
@@ -126,6 +148,7 @@ impl Server {
         let drain = Duration::from_secs(config.server.drain_seconds);
         let shutdown_delay_seconds = config.server.shutdown_delay_seconds;
         let queue = crate::queue::Queue::start(&config, store.clone(), metrics.clone()).await;
+        let ingress = crate::ingress::Ingress::new(&config.api.keys);
         let app = Arc::new(App {
             config: Arc::new(config),
             registry,
@@ -137,12 +160,18 @@ impl Server {
             queue,
             queue_running: dashmap::DashSet::new(),
             auth,
+            ingress,
             accepting: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
         });
+        crate::ingress::Ingress::sweep_limits(&app);
         Ok(Server {
             app,
             listener,
+            control_tls,
+            api_http,
+            api_https,
+            api_cert_made,
             drain,
             shutdown_delay: Duration::from_secs(shutdown_delay_seconds),
             writer,
@@ -161,6 +190,44 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// `http` or `https`: what the control listener speaks.
+    pub fn scheme(&self) -> &'static str {
+        if self.control_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The API endpoints' listeners, for the start-up line: `http://ADDR`, `https://ADDR
+    /// (certificate FILE)`, or that they are off.
+    pub fn api_summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(l) = &self.api_http
+            && let Ok(addr) = l.local_addr()
+        {
+            parts.push(format!("http://{addr}"));
+        }
+        if let Some((l, cert)) = &self.api_https
+            && let Ok(addr) = l.local_addr()
+        {
+            let made = if self.api_cert_made {
+                "self-signed, made now: "
+            } else {
+                ""
+            };
+            parts.push(format!(
+                "https://{addr} (certificate: {made}{})",
+                cert.cert_file().display()
+            ));
+        }
+        if parts.is_empty() {
+            "off".to_string()
+        } else {
+            parts.join(" ")
+        }
+    }
+
     /// Serves until `shutdown` resolves, then shuts down in steps (docs/architecture.md,
     /// "Shutdown"): `/readyz` turns 503 and queue workers take no new runs; the listener
     /// keeps accepting for `server.shutdown_delay_seconds`, every response now saying
@@ -169,6 +236,9 @@ impl Server {
         let Server {
             app,
             listener,
+            control_tls,
+            api_http,
+            api_https,
             drain,
             shutdown_delay,
             writer,
@@ -176,39 +246,108 @@ impl Server {
         } = self;
         tokio::spawn(crate::queue::work(app.clone()));
         let events = crate::events::amqp::Consumer::start(app.clone());
+        let reload = reload_on_hangup(
+            control_tls
+                .iter()
+                .chain(api_https.iter().map(|(_, c)| c))
+                .cloned()
+                .collect(),
+        );
+        let mut listeners = vec![Listener {
+            tcp: listener,
+            role: Role {
+                surface: Surface::Control,
+                tls: control_tls.as_ref().map(Certificate::acceptor),
+            },
+        }];
+        if let Some(tcp) = api_http {
+            listeners.push(Listener {
+                tcp,
+                role: Role {
+                    surface: Surface::Api,
+                    tls: None,
+                },
+            });
+        }
+        if let Some((tcp, cert)) = api_https {
+            listeners.push(Listener {
+                tcp,
+                role: Role {
+                    surface: Surface::Api,
+                    tls: Some(cert.acceptor()),
+                },
+            });
+        }
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
         // Set once shutting down: each response then ends its keep-alive connection, so a
         // client (a proxy's pool) never sends a request on a connection this server is
         // about to close.
         let closing = Arc::new(AtomicBool::new(false));
-        let serve = |stream: TcpStream, peer: SocketAddr| {
+        let serve = |stream: TcpStream, peer: SocketAddr, role: &Role| {
             let _ = stream.set_nodelay(true);
             let app = app.clone();
             let closing = closing.clone();
             let client = Arc::new(Peer::new(peer.ip()));
-            let service = service_fn(move |req| {
+            let surface = role.surface;
+            let secure = role.tls.is_some();
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let app = app.clone();
                 let client = client.clone();
                 let closing = closing.clone();
                 async move {
-                    let mut resp = api::handle(app, req, &client).await;
-                    if closing.load(Ordering::Relaxed) {
+                    let http1 = req.version() <= http::Version::HTTP_11;
+                    let mut resp = match surface {
+                        Surface::Control => api::handle(app, req, &client).await,
+                        Surface::Api => crate::ingress::handle(app, req, &client, secure).await,
+                    };
+                    if http1 && closing.load(Ordering::Relaxed) {
                         resp.headers_mut()
                             .insert(CONNECTION, HeaderValue::from_static("close"));
                     }
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+            let Some(acceptor) = role.tls.clone() else {
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+                return;
+            };
+            let watcher = graceful.watcher();
+            let (builder, h2) = (builder.clone(), h2.clone());
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let negotiated_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let io = TokioIo::new(tls);
+                let ended = if negotiated_h2 {
+                    watcher.watch(h2.serve_connection(io, service)).await
+                } else {
+                    watcher.watch(builder.serve_connection(io, service)).await
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
             });
         };
-        accept_until(&listener, shutdown, &serve).await;
+        accept_until(&listeners, shutdown, &serve).await;
 
         app.accepting.store(false, Ordering::Release);
         closing.store(true, Ordering::Relaxed);
@@ -222,8 +361,10 @@ impl Server {
             shutdown_delay_seconds = shutdown_delay.as_secs(),
             "shutting down: /readyz answers 503; still accepting until the delay is over"
         );
-        accept_until(&listener, tokio::time::sleep(shutdown_delay), &serve).await;
-        close_listener(listener, &serve);
+        accept_until(&listeners, tokio::time::sleep(shutdown_delay), &serve).await;
+        for listener in listeners {
+            close_listener(listener, &serve);
+        }
         tracing::info!(
             drain_seconds = drain.as_secs(),
             "shutting down: listener closed, draining calls in flight"
@@ -248,20 +389,129 @@ impl Server {
         crate::queue::release(&app).await;
         writer.flush_and_stop().await;
         tracing::info!("run records flushed");
+        reload.abort();
     }
 }
 
-/// Accepts connections and hands each to `serve` until `until` resolves.
+/// Which handler a listener's requests go to.
+#[derive(Clone, Copy)]
+enum Surface {
+    /// The control API, the OpenFaaS surface and the operator endpoints.
+    Control,
+    /// API endpoints (`ingress/`).
+    Api,
+}
+
+/// A bound listener and its role.
+struct Listener {
+    tcp: TcpListener,
+    role: Role,
+}
+
+/// What a listener serves, and its TLS (when it speaks it).
+struct Role {
+    surface: Surface,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Binds the API endpoints' listeners that are on, with the HTTPS one's certificate: the
+/// configured files, or else the self-signed pair of the data dir (made if missing).
+async fn bind_api(
+    config: &Config,
+) -> Result<
+    (
+        Option<TcpListener>,
+        Option<(TcpListener, Arc<Certificate>)>,
+        bool,
+    ),
+    StartError,
+> {
+    let bind = |key: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| StartError(format!("{key}: cannot listen on {addr}: {e}")))
+    };
+    let http = match config.api.http_addr() {
+        Some(addr) => Some(bind("api.http", addr).await?),
+        None => None,
+    };
+    let Some(addr) = config.api.https_addr() else {
+        return Ok((http, None, false));
+    };
+    let (cert, key, made) = if config.api.tls_cert.as_os_str().is_empty() {
+        crate::tls::self_signed(&config.server.data_dir)
+            .map_err(|e| StartError(format!("api.tls_cert (none set, so self-signed): {e}")))?
+    } else {
+        (
+            config.api.tls_cert.clone(),
+            config.api.tls_key.clone(),
+            false,
+        )
+    };
+    let certificate =
+        Certificate::load(&cert, &key).map_err(|e| StartError(format!("api.tls_cert: {e}")))?;
+    if made {
+        tracing::info!(cert = %cert.display(), key = %key.display(), "made a self-signed certificate for localhost for the API endpoints");
+    }
+    Ok((
+        http,
+        Some((bind("api.https", addr).await?, certificate)),
+        made,
+    ))
+}
+
+/// Reads every certificate again on each SIGHUP; one that fails keeps serving its old
+/// pair, and says why.
+fn reload_on_hangup(certificates: Vec<Arc<Certificate>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hangup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                tracing::warn!("cannot install a SIGHUP handler: certificates will not reload");
+                return;
+            };
+            while hangup.recv().await.is_some() {
+                for certificate in &certificates {
+                    match certificate.reload() {
+                        Ok(()) => {
+                            tracing::info!(cert = %certificate.cert_file().display(), "certificate reloaded")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "certificate not reloaded; the one in use stays")
+                        }
+                    }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        drop(certificates);
+    })
+}
+
+/// Accepts connections on every listener and hands each to `serve` until `until`
+/// resolves.
 async fn accept_until(
-    listener: &TcpListener,
+    listeners: &[Listener],
     until: impl Future<Output = ()>,
-    serve: &impl Fn(TcpStream, SocketAddr),
+    serve: &impl Fn(TcpStream, SocketAddr, &Role),
 ) {
     tokio::pin!(until);
+    let accept_any = || {
+        std::future::poll_fn(|cx| {
+            for listener in listeners {
+                if let std::task::Poll::Ready(accepted) = listener.tcp.poll_accept(cx) {
+                    return std::task::Poll::Ready((&listener.role, accepted));
+                }
+            }
+            std::task::Poll::Pending
+        })
+    };
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve(stream, peer),
+            (role, accepted) = accept_any() => match accepted {
+                Ok((stream, peer)) => serve(stream, peer, role),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -273,21 +523,22 @@ async fn accept_until(
     }
 }
 
-/// Closes the listener after serving the connections the kernel has already completed:
+/// Closes a listener after serving the connections the kernel has already completed:
 /// their clients may have sent a request on them, and closing would reset them, a
 /// failure a proxy does not retry for a POST. A client connecting after this is refused,
 /// which a proxy retries on another upstream.
-fn close_listener(listener: TcpListener, serve: &impl Fn(TcpStream, SocketAddr)) {
-    let Ok(listener) = listener.into_std() else {
+fn close_listener(listener: Listener, serve: &impl Fn(TcpStream, SocketAddr, &Role)) {
+    let Listener { tcp, role } = listener;
+    let Ok(tcp) = tcp.into_std() else {
         return;
     };
     // Still non-blocking: `accept` answers WouldBlock once the queue is empty.
-    while let Ok((stream, peer)) = listener.accept() {
+    while let Ok((stream, peer)) = tcp.accept() {
         match stream
             .set_nonblocking(true)
             .and_then(|()| TcpStream::from_std(stream))
         {
-            Ok(stream) => serve(stream, peer),
+            Ok(stream) => serve(stream, peer, &role),
             Err(e) => tracing::warn!(error = %e, %peer, "a last connection could not be served"),
         }
     }

@@ -77,8 +77,7 @@ fn check_launch(case: &str, launch: &Value) {
     let work = tempfile::tempdir().unwrap();
     let str_of = |v: &Value| v.as_str().unwrap().to_string();
 
-    // The flags of `dispatch serve`; the API listeners' flags are issue 6's (see the chart's
-    // values, api.*): checked for shape here, as the binary may not have them yet.
+    // The flags of `dispatch serve`, as the binary reads them.
     let mut flags = Overrides::default();
     let mut config_path = None;
     let ports = &launch["service_ports"];
@@ -91,17 +90,21 @@ fn check_launch(case: &str, launch: &Value) {
             "--data-dir" => flags.data_dir = Some(value),
             "--log-format" => flags.log_format = Some(value),
             "--api-http" | "--api-https" => {
-                // Today's `dispatch serve` refuses them: the defaults must not pass them.
-                assert!(
-                    !case.starts_with("default"),
-                    "{case}: the default values pass {arg}"
-                );
                 let port = &ports[format!("api-{}", &flag[6..])];
-                assert_eq!(value, format!("0.0.0.0:{port}"), "{case}: {arg}");
+                if port.is_null() {
+                    assert_eq!(value, "off", "{case}: {arg} without a Service port");
+                } else {
+                    assert_eq!(value, format!("0.0.0.0:{port}"), "{case}: {arg}");
+                }
+                if flag == "--api-http" {
+                    flags.api_http = Some(value);
+                } else {
+                    flags.api_https = Some(value);
+                }
             }
             _ => panic!(
                 "{case}: flag {arg} is not one of dispatch serve's (--config, --listen, \
-                 --data-dir, --log-format; --api-http and --api-https from issue 6)"
+                 --data-dir, --log-format, --api-http, --api-https)"
             ),
         }
     }
@@ -137,6 +140,24 @@ fn check_launch(case: &str, launch: &Value) {
         "{case}: --listen and the Service's http port"
     );
     assert_eq!(config.server.data_dir, Path::new("/var/lib/dispatch"));
+    for (port, addr) in [
+        ("api-http", config.api.http_addr()),
+        ("api-https", config.api.https_addr()),
+    ] {
+        match addr {
+            Some(addr) => {
+                assert!(addr.ip().is_unspecified(), "{case}: {port} on {addr}");
+                assert_eq!(Value::from(addr.port()), ports[port], "{case}: {port}");
+            }
+            None => assert!(ports[port].is_null(), "{case}: {port} is a Service port, but off"),
+        }
+    }
+    if case.starts_with("default") {
+        assert!(
+            config.api.http_addr().is_some() && config.api.https_addr().is_some(),
+            "{case}: the API listeners are on by default"
+        );
+    }
     assert!(config.server.shutdown_delay_seconds >= 1, "{case}");
     let several = launch["autoscaled"] == Value::Bool(true)
         || launch["replicas"].as_u64().is_some_and(|n| n > 1);
@@ -155,6 +176,12 @@ fn check_launch(case: &str, launch: &Value) {
         assert!(config.events.amqp_url.starts_with("amqp://"), "{case}");
         assert_eq!(config.openfaas.discovery, DiscoveryMode::Endpointslices);
         assert_eq!(config.queue.workers, 128, "{case}: config.queue.workers");
+        assert_eq!(
+            config.api.tls_cert,
+            Path::new("/etc/dispatch/api-tls/tls.crt"),
+            "{case}: the certificate from the Secret"
+        );
+        assert_eq!(config.api.tls_key, Path::new("/etc/dispatch/api-tls/tls.key"));
     }
 
     // The control API token: read from the mounted Secret, as the pod reads it.

@@ -116,7 +116,7 @@ fn seed(fns: &[(&str, &Upstream)], with_subscription: bool) -> String {
         ));
     }
     if with_subscription {
-        // A kind this gateway does not serve yet (API endpoints come with their own issue).
+        // An API endpoint: it depends on its function.
         yaml.push_str(
             "kind: API\nname: post-hello\nfunction: hello-py\nmethods: [POST]\nuris: [/hello]\n---\n",
         );
@@ -125,7 +125,7 @@ fn seed(fns: &[(&str, &Upstream)], with_subscription: bool) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_file_creates_functions_and_reports_unserved_kinds() {
+async fn create_file_creates_functions_then_the_apis_that_need_them() {
     let gw = Gateway::start().await;
     let up = Upstream::start(Behavior::Envelope).await;
     let sh = Shell::new();
@@ -133,7 +133,7 @@ async fn create_file_creates_functions_and_reports_unserved_kinds() {
         "code/hello.py",
         "def handle(ctx, payload):\n    return payload\n",
     );
-    // The API comes first in the file: it is still tried after the functions.
+    // The API comes first in the file: it is made after the functions it runs.
     let yaml = format!(
         "{}{}",
         seed(&[], true),
@@ -143,16 +143,15 @@ async fn create_file_creates_functions_and_reports_unserved_kinds() {
     let file = file.to_str().unwrap();
 
     let out = sh.at(gw.addr, &["create", "--file", file]).await;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(
-        out.stdout, "Created Function: hello-py\nCreated Function: hello-two\n",
+        out.stdout,
+        "Created Function: hello-py\nCreated Function: hello-two\nCreated API: post-hello\n",
         "{out:?}"
     );
-    assert!(
-        out.stderr
-            .contains("skipped API \"post-hello\": not served by this gateway"),
-        "{out:?}"
-    );
+    let api = gw.get("/v1/api/post-hello").await.json();
+    assert_eq!(api["uris"], json!(["/hello"]), "{api}");
+    assert_eq!(api["methods"], json!(["POST"]), "{api}");
     let listed = gw.get("/v1/function").await.json();
     let mut names: Vec<&str> = listed
         .as_array()
@@ -167,12 +166,18 @@ async fn create_file_creates_functions_and_reports_unserved_kinds() {
         json!({"key": "role", "value": "test"})
     );
 
-    // Again: the functions exist (409), reported and counted unless --skip-existing.
+    // Again: the functions and the API exist (409), reported and counted unless
+    // --skip-existing.
     let out = sh.at(gw.addr, &["create", "--file", file]).await;
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stderr
             .contains("Function \"hello-py\": [Code: 409] function \"hello-py\" already exists"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .contains("API \"post-hello\": [Code: 409] API \"post-hello\" already exists"),
         "{out:?}"
     );
     let only_functions = sh.write("functions.yaml", &seed(&[("hello-py", &up)], false));
@@ -390,25 +395,52 @@ async fn errors_print_the_dispatch_code_and_message_and_exit_1() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["status"], "INITIALIZED", "{out:?}");
 
-    // A kind the gateway does not serve yet.
-    let out = sh.at(gw.addr, &["get", "apis"]).await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr.starts_with("[Code: 404] ") && out.stderr.contains("does not serve apis"),
-        "{out:?}"
-    );
+    // API endpoints: made with Dispatch's flags, listed, and served.
     let out = sh
         .at(
             gw.addr,
-            &["create", "api", "hello", "f", "--method", "post"],
+            &[
+                "create",
+                "api",
+                "hello",
+                "f",
+                "--method",
+                "post",
+                "--path",
+                "/hi",
+                "--domain",
+                "localhost",
+                "--https-only",
+                "--cors",
+                "--auth",
+                "bearer",
+            ],
         )
         .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "Created API: hello\n", "{out:?}");
+    let api = gw.get("/v1/api/hello").await.json();
+    assert_eq!(api["methods"], json!(["POST"]), "{api}");
+    assert_eq!(api["uris"], json!(["/hi"]), "{api}");
+    assert_eq!(api["hosts"], json!(["localhost"]), "{api}");
+    assert_eq!(api["protocols"], json!(["https"]), "{api}");
+    assert_eq!(api["cors"], true, "{api}");
+    assert_eq!(api["authentication"], "bearer", "{api}");
+    let out = sh.at(gw.addr, &["get", "apis"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("hello"))
+        .unwrap_or_else(|| panic!("hello listed: {out:?}"));
+    for cell in ["f", "/hi", "bearer", "READY"] {
+        assert!(row.contains(cell), "{cell} in {row:?}");
+    }
+    let out = sh
+        .at(gw.addr, &["create", "api", "bad", "f", "--auth", "magic"])
+        .await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("skipped API \"hello\": not served by this gateway"),
-        "{out:?}"
-    );
+    assert!(out.stderr.contains("--auth"), "{out:?}");
 
     let out = sh.at(gw.addr, &["exec", "f", "--input", "{oops"]).await;
     assert_eq!(out.code, 1, "{out:?}");
@@ -448,20 +480,19 @@ async fn delete_removes_one_object_or_a_files_objects() {
         StatusCode::NOT_FOUND
     );
 
-    // The file, in reverse order: the API (not served) first, then the functions;
-    // hello-two is gone already.
+    // The file, in reverse order: the API first, then the functions; hello-two is gone
+    // already.
     let out = sh.at(gw.addr, &["delete", "--file", file]).await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert_eq!(out.stdout, "Deleted Function: hello-py\n", "{out:?}");
-    let skipped = out
-        .stderr
-        .find("skipped API \"post-hello\"")
-        .expect("reported");
-    let missing = out
-        .stderr
-        .find("Function \"hello-two\": [Code: 404]")
-        .expect("reported");
-    assert!(skipped < missing, "{out:?}");
+    assert_eq!(
+        out.stdout, "Deleted API: post-hello\nDeleted Function: hello-py\n",
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("Function \"hello-two\": [Code: 404]"),
+        "{out:?}"
+    );
+    assert_eq!(gw.get("/v1/api").await.json(), json!([]));
     assert_eq!(gw.get("/v1/function").await.json(), json!([]));
 }
 

@@ -3,6 +3,7 @@
 //! `/healthz`, `/readyz` and `/metrics` are for operators. Only `/v1/*` asks for a token
 //! (see auth.rs).
 
+mod apis;
 mod events;
 mod functions;
 mod health;
@@ -45,6 +46,8 @@ pub struct App {
     pub queue_running: dashmap::DashSet<String>,
     /// Who may use the control API (`/v1/*`).
     pub auth: crate::auth::ControlAuth,
+    /// The API endpoints' keys and rate limits.
+    pub ingress: crate::ingress::Ingress,
     /// True until shutdown starts: `/readyz` answers 503 and the queue workers take no
     /// new runs from then on.
     pub accepting: AtomicBool,
@@ -112,6 +115,11 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
             Method::GET => events::list(&app, uri.query()),
             _ => Err(not_allowed(&method, path, "GET, POST")),
         },
+        "/v1/api" | "/v1/api/" => match method {
+            Method::POST => apis::create(&app, req).await,
+            Method::GET => apis::list(&app, uri.query()),
+            _ => Err(not_allowed(&method, path, "GET, POST")),
+        },
         "/v1/runs" | "/v1/runs/" => match method {
             Method::POST => runs::create(&app, req, uri.query()).await,
             Method::GET => runs::list(&app, uri.query()).await,
@@ -128,6 +136,13 @@ async fn control(app: Arc<App>, req: Request<Incoming>, uri: http::Uri) -> Respo
                     Method::GET => events::get(&app, name),
                     Method::PUT => events::update(&app, name, req).await,
                     Method::DELETE => events::delete(&app, name).await,
+                    _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
+                }
+            } else if let Some(name) = path.strip_prefix("/v1/api/") {
+                match method {
+                    Method::GET => apis::get(&app, name),
+                    Method::PUT => apis::update(&app, name, req).await,
+                    Method::DELETE => apis::delete(&app, name).await,
                     _ => Err(not_allowed(&method, path, "GET, PUT, DELETE")),
                 }
             } else if let Some(name) = path.strip_prefix("/v1/function/") {
@@ -185,20 +200,26 @@ fn not_allowed(method: &Method, path: &str, allowed: &str) -> Error {
 
 /// A whole request body of at most `limit` bytes (413 past it).
 async fn read_body(req: Request<Incoming>, limit: u64) -> Result<Bytes, Error> {
+    let (parts, body) = req.into_parts();
+    read_limited(&parts.headers, body, limit).await
+}
+
+/// [`read_body`] for a request already taken apart.
+pub(crate) async fn read_limited(
+    headers: &http::HeaderMap,
+    body: Incoming,
+    limit: u64,
+) -> Result<Bytes, Error> {
     let too_large =
         || Error::PayloadTooLarge(format!("request body exceeds the limit of {limit} bytes"));
-    let declared = req
-        .headers()
+    let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit as usize)
-        .collect()
-        .await
-    {
+    match Limited::new(body, limit as usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(Error::BadRequest(format!("reading the request body: {e}"))),

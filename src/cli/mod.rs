@@ -59,6 +59,12 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// Address of the API endpoints' HTTP listener, or "off" [default: 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    api_http: Option<String>,
+    /// Address of the API endpoints' HTTPS listener, or "off" [default: 127.0.0.1:8443].
+    #[arg(long, value_name = "ADDR")]
+    api_https: Option<String>,
 }
 
 pub fn main() -> ExitCode {
@@ -78,6 +84,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         data_dir: args.data_dir,
         log_format: args.log_format,
+        api_http: args.api_http,
+        api_https: args.api_https,
     };
     let config = match Config::load(args.config.as_deref(), &flags, std::env::vars()) {
         Ok(config) => config,
@@ -117,10 +125,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         // One line on stdout, for people and for scripts that start on port 0.
         println!(
-            "dispatch: listening on http://{} (store: {})",
+            "dispatch: listening on {}://{} (store: {})",
+            server.scheme(),
             server.local_addr(),
             server.store_name()
         );
+        println!("dispatch: API endpoints: {}", server.api_summary());
         server.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })

@@ -1,6 +1,6 @@
 //! Where registrations live: the [`Store`] trait and its backends. SQLite (one file under
 //! the data dir) is the embedded default; PostgreSQL joins for several replicas. Functions,
-//! runs, base images, images and secrets live here; APIs and subscriptions will too. The
+//! runs, base images, images, secrets, subscriptions and APIs live here. The
 //! hot path never queries the store: the registry and the catalog cache what it needs.
 
 pub mod calls;
@@ -8,9 +8,10 @@ pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
+use serde_json::Value;
 
 use crate::error::Error;
-use crate::model::{BaseImage, Function, Image, Run, Secret, Status, Subscription};
+use crate::model::{Api, BaseImage, Function, Image, Run, Secret, Status, Subscription};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -106,6 +107,28 @@ pub trait Store: Send + Sync {
     async fn update_subscription(&self, subscription: &Subscription) -> Result<(), StoreError>;
     /// `NotFound` if there is no such subscription.
     async fn delete_subscription(&self, name: &str) -> Result<(), StoreError>;
+    /// The documents of one catalog kind, as JSON (what [`list_apis`] and its siblings
+    /// read and write). `create_document` answers `Conflict` for a name taken,
+    /// `update_document` and `delete_document` `NotFound` for a name absent.
+    async fn list_documents(&self, kind: CatalogKind) -> Result<Vec<Value>, StoreError>;
+    async fn get_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+    ) -> Result<Option<Value>, StoreError>;
+    async fn create_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        document: &Value,
+    ) -> Result<(), StoreError>;
+    async fn update_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        document: &Value,
+    ) -> Result<(), StoreError>;
+    async fn delete_document(&self, kind: CatalogKind, name: &str) -> Result<(), StoreError>;
     /// Changes to base images, images and secrets made by anyone sharing this store, as
     /// `Changed("<kind>:<name>")` with kind `baseimage`, `image` or `secret` (see
     /// [`CatalogKind`]); `None` when nobody else can share it (SQLite).
@@ -199,6 +222,45 @@ pub trait Store: Send + Sync {
     ) -> Result<u64, StoreError>;
 }
 
+/// Every API endpoint.
+pub async fn list_apis(store: &dyn Store) -> Result<Vec<Api>, StoreError> {
+    store
+        .list_documents(CatalogKind::Api)
+        .await?
+        .into_iter()
+        .map(api_of)
+        .collect()
+}
+
+pub async fn get_api(store: &dyn Store, name: &str) -> Result<Option<Api>, StoreError> {
+    store
+        .get_document(CatalogKind::Api, name)
+        .await?
+        .map(api_of)
+        .transpose()
+}
+
+pub async fn create_api(store: &dyn Store, api: &Api) -> Result<(), StoreError> {
+    store
+        .create_document(CatalogKind::Api, &api.name, &document_of(api)?)
+        .await
+}
+
+pub async fn update_api(store: &dyn Store, api: &Api) -> Result<(), StoreError> {
+    store
+        .update_document(CatalogKind::Api, &api.name, &document_of(api)?)
+        .await
+}
+
+fn api_of(document: Value) -> Result<Api, StoreError> {
+    serde_json::from_value(document)
+        .map_err(|e| StoreError::Backend(format!("a stored API does not read back: {e}")))
+}
+
+fn document_of(api: &Api) -> Result<Value, StoreError> {
+    serde_json::to_value(api).map_err(|e| StoreError::Backend(format!("API to JSON: {e}")))
+}
+
 /// An async run in the embedded queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueuedRun {
@@ -240,6 +302,7 @@ pub enum CatalogKind {
     Image,
     Secret,
     Subscription,
+    Api,
 }
 
 impl CatalogKind {
@@ -250,6 +313,7 @@ impl CatalogKind {
             CatalogKind::Image => "images",
             CatalogKind::Secret => "secrets",
             CatalogKind::Subscription => "subscriptions",
+            CatalogKind::Api => "apis",
         }
     }
 
@@ -259,6 +323,7 @@ impl CatalogKind {
             CatalogKind::Image => "image",
             CatalogKind::Secret => "secret",
             CatalogKind::Subscription => "subscription",
+            CatalogKind::Api => "api",
         }
     }
 
@@ -269,6 +334,7 @@ impl CatalogKind {
             CatalogKind::Image => "image",
             CatalogKind::Secret => "secret",
             CatalogKind::Subscription => "subscription",
+            CatalogKind::Api => "API",
         }
     }
 
@@ -280,6 +346,7 @@ impl CatalogKind {
             CatalogKind::Image,
             CatalogKind::Secret,
             CatalogKind::Subscription,
+            CatalogKind::Api,
         ]
         .into_iter()
         .find(|k| k.prefix() == prefix)?;

@@ -18,6 +18,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::{
     CatalogKind, Change, Claim, FunctionChange, QueuedRun, RunQuery, Store, StoreError,
@@ -95,6 +96,9 @@ const MIGRATIONS: &[&str] = &[
     r#"CREATE TABLE subscriptions (name TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL);
     CREATE TRIGGER subscription_changed AFTER INSERT OR UPDATE OR DELETE ON subscriptions
         FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('subscription');"#,
+    r#"CREATE TABLE apis (name TEXT COLLATE "C" PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE TRIGGER api_changed AFTER INSERT OR UPDATE OR DELETE ON apis
+        FOR EACH ROW EXECUTE FUNCTION dispatch_catalog_changed('api');"#,
 ];
 
 /// The advisory lock that serializes migrations between gateways: "dispatch" in ASCII.
@@ -851,6 +855,40 @@ impl Store for PostgresStore {
 
     async fn delete_subscription(&self, name: &str) -> Result<(), StoreError> {
         self.doc_delete(CatalogKind::Subscription, name).await
+    }
+
+    async fn list_documents(&self, kind: CatalogKind) -> Result<Vec<Value>, StoreError> {
+        self.doc_list(kind).await
+    }
+
+    async fn get_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+    ) -> Result<Option<Value>, StoreError> {
+        self.doc_get(kind, name).await
+    }
+
+    async fn create_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        document: &Value,
+    ) -> Result<(), StoreError> {
+        self.doc_create(kind, name, document).await
+    }
+
+    async fn update_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        document: &Value,
+    ) -> Result<(), StoreError> {
+        self.doc_update(kind, name, document).await
+    }
+
+    async fn delete_document(&self, kind: CatalogKind, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(kind, name).await
     }
 
     async fn prune_runs(

@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 mod calls;
 
@@ -75,6 +76,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX call_batches_by_last ON call_batches (last_us);
     CREATE INDEX call_batches_by_function ON call_batches (function_name, last_us);",
+    "CREATE TABLE apis (name TEXT PRIMARY KEY, spec TEXT NOT NULL);",
 ];
 
 /// What writing a run over a stored one of the same name does: replaces it.
@@ -871,6 +873,40 @@ impl Store for SqliteStore {
 
     async fn delete_subscription(&self, name: &str) -> Result<(), StoreError> {
         self.doc_delete(CatalogKind::Subscription, name).await
+    }
+
+    async fn list_documents(&self, kind: CatalogKind) -> Result<Vec<Value>, StoreError> {
+        self.doc_list(kind).await
+    }
+
+    async fn get_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+    ) -> Result<Option<Value>, StoreError> {
+        self.doc_get(kind, name).await
+    }
+
+    async fn create_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        document: &Value,
+    ) -> Result<(), StoreError> {
+        self.doc_create(kind, name, document).await
+    }
+
+    async fn update_document(
+        &self,
+        kind: CatalogKind,
+        name: &str,
+        document: &Value,
+    ) -> Result<(), StoreError> {
+        self.doc_update(kind, name, document).await
+    }
+
+    async fn delete_document(&self, kind: CatalogKind, name: &str) -> Result<(), StoreError> {
+        self.doc_delete(kind, name).await
     }
 }
 

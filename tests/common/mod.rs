@@ -13,6 +13,7 @@
 
 pub mod pg;
 pub mod rabbit;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -65,6 +66,9 @@ pub const MIB: u64 = 1024 * 1024;
 /// The `dispatch serve` process, on `127.0.0.1:0`, with a temp data dir. Killed on drop.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The API endpoints' listeners (`--api-http` and `--api-https` on port 0).
+    pub api_http: SocketAddr,
+    pub api_https: SocketAddr,
     child: Child,
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
@@ -84,11 +88,14 @@ impl Gateway {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (child, addr) = spawn(dir.path(), env.clone(), 1, "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr, (api_http, api_https)) =
+            spawn(dir.path(), env.clone(), 1, "127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         Gateway {
             addr,
+            api_http,
+            api_https,
             child,
             dir,
             env,
@@ -163,11 +170,14 @@ impl Gateway {
     pub async fn start_again_on(&mut self, listen: SocketAddr) {
         assert!(self.exited().is_some(), "the previous process still runs");
         self.starts += 1;
-        let (child, addr) = spawn(self.dir.path(), self.env.clone(), self.starts, listen)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr, (api_http, api_https)) =
+            spawn(self.dir.path(), self.env.clone(), self.starts, listen)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         self.child = child;
         self.addr = addr;
+        self.api_http = api_http;
+        self.api_https = api_https;
     }
 
     /// The process's peak resident memory (VmHWM), in bytes.
@@ -247,13 +257,16 @@ impl Drop for Gateway {
 
 const JSON: [(&str, &str); 1] = [("content-type", "application/json")];
 
-/// Starts `dispatch serve` and reads the port from its one stdout line.
+/// The addresses of the API endpoints' HTTP and HTTPS listeners.
+type ApiAddrs = (SocketAddr, SocketAddr);
+
+/// Starts `dispatch serve` and reads the ports from its two stdout lines.
 async fn spawn(
     dir: &Path,
     env: Vec<(String, String)>,
     start: usize,
     listen: SocketAddr,
-) -> Result<(Child, SocketAddr), String> {
+) -> Result<(Child, SocketAddr, ApiAddrs), String> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || spawn_blocking(&dir, &env, start, listen))
         .await
@@ -265,7 +278,7 @@ fn spawn_blocking(
     env: &[(String, String)],
     start: usize,
     listen: SocketAddr,
-) -> Result<(Child, SocketAddr), String> {
+) -> Result<(Child, SocketAddr, ApiAddrs), String> {
     let log_path = dir.join("gateway.log");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -280,6 +293,7 @@ fn spawn_blocking(
         .arg(listen.to_string())
         .arg("--data-dir")
         .arg(dir.join("data"))
+        .args(["--api-http", "127.0.0.1:0", "--api-https", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
@@ -300,6 +314,7 @@ fn spawn_blocking(
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let _ = tx.send(lines.next());
+        let _ = tx.send(lines.next());
         // Keep reading so the gateway never writes into a closed pipe.
         for _ in lines {}
     });
@@ -316,9 +331,25 @@ fn spawn_blocking(
     };
     let addr = line
         .strip_prefix("dispatch: listening on http://")
+        .or_else(|| line.strip_prefix("dispatch: listening on https://"))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| format!("unexpected first line: {line:?}"))?;
+    let apis = match rx.recv_timeout(PATIENCE) {
+        Ok(Some(Ok(line))) => line,
+        other => {
+            return Err(format!(
+                "the gateway printed no API endpoints line: {other:?}"
+            ));
+        }
+    };
+    let api_addr = |scheme: &str| {
+        apis.split_whitespace()
+            .find_map(|word| word.strip_prefix(scheme))
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("no {scheme} address in the second line: {apis:?}"))
+    };
+    let api_addrs = (api_addr("http://")?, api_addr("https://")?);
     let sqlite_here = format!(
         "(store: sqlite {})",
         dir.join("data").join("dispatch.db").display()
@@ -327,7 +358,7 @@ fn spawn_blocking(
         line.contains(&sqlite_here) || line.contains("(store: postgres://"),
         "the listening line names the store: {line}"
     );
-    Ok((child, addr))
+    Ok((child, addr, api_addrs))
 }
 
 /// Runs `dispatch serve` expecting it to refuse to start; returns (exit status, stderr).
@@ -339,6 +370,7 @@ pub fn start_failing(env: &[(&str, &str)]) -> (ExitStatus, String) {
         .arg("127.0.0.1:0")
         .arg("--data-dir")
         .arg(dir.path().join("data"))
+        .args(["--api-http", "127.0.0.1:0", "--api-https", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -151,6 +151,11 @@ openfaas:
   {{- toYaml $openfaas | nindent 2 }}
 auth:
   {{- toYaml $auth | nindent 2 }}
+{{- if and .Values.api.https.enabled .Values.api.https.tls.secretName }}
+api:
+  tls_cert: {{ printf "%s/tls.crt" .Values.api.https.tls.mountPath | quote }}
+  tls_key: {{ printf "%s/tls.key" .Values.api.https.tls.mountPath | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Keys of `config` that the chart sets from its values: set those values instead. */}}
@@ -172,6 +177,10 @@ openfaas.gateway: "openfaas.gateway"
 openfaas.service: "openfaas.service"
 openfaas.namespace: "openfaas.namespace"
 openfaas.discovery: "openfaas.discovery"
+api.http: "api.http.enabled and api.http.port (the --api-http flag the chart passes)"
+api.https: "api.https.enabled and api.https.port (the --api-https flag the chart passes)"
+api.tls_cert: "api.https.tls.secretName (its tls.crt)"
+api.tls_key: "api.https.tls.secretName (its tls.key)"
 {{- end }}
 
 {{/* The gateway's TOML configuration file: the managed settings, then `config`. */}}

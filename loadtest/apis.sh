@@ -4,7 +4,9 @@
 #   1. raw:        POST http://GW/function/fast        (the OpenFaaS surface)
 #   2. api-http:   POST http://GW-API/fast              (an API endpoint, plain HTTP)
 #   3. api-https:  POST https://GW-API/fast             (the same API over TLS 1.3)
-#   4. nginx-https: POST https://NGINX/fast, nginx terminating TLS with the same
+#   4. run:        POST http://GW/v1/runs?functionName=fast, blocking (the Dispatch API:
+#      the same run as an API call makes, without the ingress in front)
+#   5. nginx-https: POST https://NGINX/fast, nginx terminating TLS with the same
 #      certificate and proxy_pass (keep-alive) to the same upstream: the reference.
 # The gateway (or the reference nginx) is pinned to CPU 0, wrk (-t1 -cCONNS, keep-alive)
 # and the upstream to CPU 1. Rows: requests/s, p50/p99 latency and the proxy's CPU time
@@ -69,6 +71,9 @@ done = function(summary, latency, requests)
     summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 LUA
+sed -e "s/^wrk.body = .*/wrk.body = '{\"blocking\": true, \"input\": {\"name\": \"Jon\"}}'/" \
+  -e "s/^wrk.method = .*/&\nwrk.headers[\"Authorization\"] = \"Bearer $DISPATCH_AUTH_TOKEN\"/" \
+  "$TMP/post.lua" >"$TMP/run.lua"
 tck=$(getconf CLK_TCK)
 cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # nginx's worker is the master's child.
@@ -77,11 +82,11 @@ NWORKER=$(pgrep -P "$NPID" | head -1)
 echo "| path | requests/s | p50 ms | p99 ms | proxy CPU per call | errors |"
 echo "|---|---|---|---|---|---|"
 row() {
-  local label=$1 url=$2 pid=$3
-  taskset -c 1 wrk -t1 -c"$CONNS" -d2s -s "$TMP/post.lua" "$url" >/dev/null
+  local label=$1 url=$2 pid=$3 script=${4:-$TMP/post.lua}
+  taskset -c 1 wrk -t1 -c"$CONNS" -d2s -s "$script" "$url" >/dev/null
   local c0 c1 out
   c0=$(cpu_of "$pid")
-  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$TMP/post.lua" "$url" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$script" "$url" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')
   c1=$(cpu_of "$pid")
   read -r n rps p50 p99 errors <<<"$out"
   echo "| $label | $rps | $p50 | $p99 | $(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$tck" 'BEGIN {printf "%.1f us", (b - a) / t * 1e6 / n}') | $errors |"
@@ -89,4 +94,5 @@ row() {
 row "raw surface, HTTP (/function/fast)" "http://127.0.0.1:$GW/function/fast" "$GPID"
 row "API endpoint, HTTP (/fast)" "http://127.0.0.1:$API_HTTP/fast" "$GPID"
 row "API endpoint, HTTPS (/fast)" "https://127.0.0.1:$API_HTTPS/fast" "$GPID"
+row "Dispatch run, HTTP (POST /v1/runs, blocking)" "http://127.0.0.1:$GW/v1/runs?functionName=fast" "$GPID" "$TMP/run.lua"
 row "nginx 1.22, HTTPS + proxy_pass (reference)" "https://127.0.0.1:$NGX/fast" "$NWORKER"

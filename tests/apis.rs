@@ -37,6 +37,21 @@ async fn call(
     request(addr, method, path, headers, Bytes::from(body.to_string())).await
 }
 
+async fn get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    call(addr, Method::GET, path, headers, "").await
+}
+
+async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> Reply {
+    call(
+        addr,
+        Method::POST,
+        path,
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await
+}
+
 fn self_signed_ca(gw: &Gateway) -> PathBuf {
     gw.data_dir().join("tls").join("api.crt")
 }
@@ -183,14 +198,7 @@ async fn apis_are_managed_and_route_requests_to_functions() {
         text.assert_error(415, "unsupported-media-type")
             .contains("text/plain")
     );
-    let broken = call(
-        gw.api_http,
-        Method::POST,
-        "/hello",
-        &[("content-type", "application/json")],
-        "{oops",
-    )
-    .await;
+    let broken = post_json(gw.api_http, "/hello", "{oops").await;
     assert!(
         broken
             .assert_error(400, "bad-request")
@@ -198,21 +206,18 @@ async fn apis_are_managed_and_route_requests_to_functions() {
     );
 
     // Wrong method: 405 with Allow. No API: 404 with the Dispatch error body.
-    let get = call(gw.api_http, Method::GET, "/hello", &[], "").await;
-    assert!(get.assert_error(405, "method-not-allowed").contains("GET"));
-    assert_eq!(get.header("allow"), Some("POST"));
-    let none = call(gw.api_http, Method::GET, "/nothing", &[], "").await;
+    let wrong_method = get(gw.api_http, "/hello", &[]).await;
+    assert!(
+        wrong_method
+            .assert_error(405, "method-not-allowed")
+            .contains("GET")
+    );
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
+    let none = get(gw.api_http, "/nothing", &[]).await;
     assert!(none.assert_error(404, "not-found").contains("/nothing"));
 
     // A function error is 502 with the error; an input error of the function's own.
-    let failed = call(
-        gw.api_http,
-        Method::POST,
-        "/hello",
-        &[("content-type", "application/json")],
-        r#"{"fail": true}"#,
-    )
-    .await;
+    let failed = post_json(gw.api_http, "/hello", r#"{"fail": true}"#).await;
     assert_eq!(failed.status, 502, "{}", failed.text());
     assert_eq!(failed.header("x-dispatch-error"), Some("function-error"));
     let body = failed.json();
@@ -253,24 +258,19 @@ async fn apis_are_managed_and_route_requests_to_functions() {
         .await;
     assert_eq!(put.status, 200, "{}", put.text());
     assert_eq!(put.json()["createdTime"], api["createdTime"]);
-    let query = call(gw.api_http, Method::GET, "/hello?name=Rickon", &[], "").await;
+    let query = get(gw.api_http, "/hello?name=Rickon", &[]).await;
     assert_eq!(query.status, 200, "{}", query.text());
     assert_eq!(query.json()["greeting"], "Hello, Rickon");
 
     // The function goes: the API answers 502 naming it; the API goes: 404.
     assert_eq!(gw.delete("/v1/function/hello").await.status, 200);
-    let orphan = call(gw.api_http, Method::GET, "/hello", &[], "").await;
+    let orphan = get(gw.api_http, "/hello", &[]).await;
     let why = orphan.assert_error(502, "upstream-unavailable");
     assert!(why.contains("\"hello\""), "{why}");
     let deleted = gw.delete("/v1/api/post-hello").await;
     assert_eq!(deleted.status, 200);
     assert_eq!(deleted.json()["status"], "DELETED");
-    assert_eq!(
-        call(gw.api_http, Method::GET, "/hello", &[], "")
-            .await
-            .status,
-        404
-    );
+    assert_eq!(get(gw.api_http, "/hello", &[]).await.status, 404);
     assert_eq!(gw.get("/v1/api/post-hello").await.status, 404);
 }
 
@@ -308,18 +308,11 @@ async fn https_only_hosts_prefixes_and_cors() {
         ("API.example.com:8081", "exact"),
         ("web.example.com", "wild"),
     ] {
-        let reply = call(gw.api_http, Method::GET, "/who", &[("host", host)], "").await;
+        let reply = get(gw.api_http, "/who", &[("host", host)]).await;
         assert_eq!(reply.status, 200, "{host}: {}", reply.text());
         assert_eq!(up.stats.last_context()["httpContext"]["api"], api, "{host}");
     }
-    let wrong = call(
-        gw.api_http,
-        Method::GET,
-        "/who",
-        &[("host", "example.org")],
-        "",
-    )
-    .await;
+    let wrong = get(gw.api_http, "/who", &[("host", "example.org")]).await;
     assert!(
         wrong
             .assert_error(404, "not-found")
@@ -327,7 +320,7 @@ async fn https_only_hosts_prefixes_and_cors() {
     );
 
     // A prefix takes the paths under it.
-    let deep = call(gw.api_http, Method::GET, "/docs/a/b?x=1", &[], "").await;
+    let deep = get(gw.api_http, "/docs/a/b?x=1", &[]).await;
     assert_eq!(deep.status, 200, "{}", deep.text());
     assert_eq!(up.stats.last_context()["httpContext"]["path"], "/docs/a/b");
 
@@ -362,12 +355,10 @@ async fn https_only_hosts_prefixes_and_cors() {
         5,
         "a preflight does not run the function"
     );
-    let cors_get = call(
+    let cors_get = get(
         gw.api_http,
-        Method::GET,
         "/docs/page",
         &[("origin", "https://app.example.com")],
-        "",
     )
     .await;
     assert_eq!(cors_get.status, 200);
@@ -376,15 +367,13 @@ async fn https_only_hosts_prefixes_and_cors() {
         Some("https://app.example.com")
     );
     // An API without cors gives no CORS headers, and refuses preflights.
-    let no_cors = call(
+    let no_cors = get(
         gw.api_http,
-        Method::GET,
         "/who",
         &[
             ("host", "api.example.com"),
             ("origin", "https://app.example.com"),
         ],
-        "",
     )
     .await;
     assert_eq!(no_cors.header("access-control-allow-origin"), None);
@@ -419,7 +408,7 @@ async fn api_keys_and_rate_limits() {
         assert_eq!(made.status, 200, "{}", made.text());
     }
 
-    let missing = call(gw.api_http, Method::GET, "/private", &[], "").await;
+    let missing = get(gw.api_http, "/private", &[]).await;
     assert!(
         missing
             .assert_error(401, "unauthorized")
@@ -435,14 +424,7 @@ async fn api_keys_and_rate_limits() {
         "Basic a2V5LW9uZQ==",
         &format!("Bearer {TOKEN}"),
     ] {
-        let reply = call(
-            gw.api_http,
-            Method::GET,
-            "/private",
-            &[("authorization", wrong)],
-            "",
-        )
-        .await;
+        let reply = get(gw.api_http, "/private", &[("authorization", wrong)]).await;
         reply.assert_error(401, "unauthorized");
         assert!(
             reply
@@ -454,12 +436,10 @@ async fn api_keys_and_rate_limits() {
         assert!(!reply.text().contains("key-one"), "no key in the answer");
     }
     for key in ["key-one", "key-two"] {
-        let ok = call(
+        let ok = get(
             gw.api_http,
-            Method::GET,
             "/private",
             &[("authorization", &format!("Bearer {key}"))],
-            "",
         )
         .await;
         assert_eq!(ok.status, 200, "{}", ok.text());
@@ -473,43 +453,32 @@ async fn api_keys_and_rate_limits() {
 
     // A burst of 2, then 429 with Retry-After (0.5 per second: 2 s).
     for _ in 0..2 {
-        assert_eq!(
-            call(gw.api_http, Method::GET, "/limited", &[], "")
-                .await
-                .status,
-            200
-        );
+        assert_eq!(get(gw.api_http, "/limited", &[]).await.status, 200);
     }
-    let limited = call(gw.api_http, Method::GET, "/limited", &[], "").await;
+    let limited = get(gw.api_http, "/limited", &[]).await;
     let why = limited.assert_error(429, "rate-limit");
     assert!(why.contains("\"limited\""), "{why}");
     assert_eq!(limited.header("retry-after"), Some("2"));
     // Other APIs have their own buckets.
-    let other = call(
+    let other = get(
         gw.api_http,
-        Method::GET,
         "/per-key",
         &[("authorization", "Bearer key-one")],
-        "",
     )
     .await;
     assert_eq!(other.status, 200);
     // By key: key-one's bucket is spent, key-two's is not.
-    let again = call(
+    let again = get(
         gw.api_http,
-        Method::GET,
         "/per-key",
         &[("authorization", "Bearer key-one")],
-        "",
     )
     .await;
     again.assert_error(429, "rate-limit");
-    let second_key = call(
+    let second_key = get(
         gw.api_http,
-        Method::GET,
         "/per-key",
         &[("authorization", "Bearer key-two")],
-        "",
     )
     .await;
     assert_eq!(second_key.status, 200, "{}", second_key.text());
@@ -777,10 +746,7 @@ async fn two_gateways_on_postgres_share_apis() {
     // Made on A, served by B at once (LISTEN/NOTIFY), and refused on B as a duplicate.
     let mut status = 0;
     for _ in 0..100 {
-        status = call(b.api_http, Method::GET, "/shared?name=B", &[], "")
-            .await
-            .status
-            .as_u16();
+        status = get(b.api_http, "/shared?name=B", &[]).await.status.as_u16();
         if status == 200 {
             break;
         }
@@ -798,10 +764,7 @@ async fn two_gateways_on_postgres_share_apis() {
     // Deleted on B: gone on A.
     assert_eq!(b.delete("/v1/api/shared").await.status, 200);
     for _ in 0..100 {
-        status = call(a.api_http, Method::GET, "/shared", &[], "")
-            .await
-            .status
-            .as_u16();
+        status = get(a.api_http, "/shared", &[]).await.status.as_u16();
         if status == 404 {
             break;
         }

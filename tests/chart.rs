@@ -149,7 +149,10 @@ fn check_launch(case: &str, launch: &Value) {
                 assert!(addr.ip().is_unspecified(), "{case}: {port} on {addr}");
                 assert_eq!(Value::from(addr.port()), ports[port], "{case}: {port}");
             }
-            None => assert!(ports[port].is_null(), "{case}: {port} is a Service port, but off"),
+            None => assert!(
+                ports[port].is_null(),
+                "{case}: {port} is a Service port, but off"
+            ),
         }
     }
     if case.starts_with("default") {
@@ -181,7 +184,10 @@ fn check_launch(case: &str, launch: &Value) {
             Path::new("/etc/dispatch/api-tls/tls.crt"),
             "{case}: the certificate from the Secret"
         );
-        assert_eq!(config.api.tls_key, Path::new("/etc/dispatch/api-tls/tls.key"));
+        assert_eq!(
+            config.api.tls_key,
+            Path::new("/etc/dispatch/api-tls/tls.key")
+        );
     }
 
     // The control API token: read from the mounted Secret, as the pod reads it.

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use common::Gateway;
+use common::{Gateway, request};
 
 struct Shell {
     home: tempfile::TempDir,
@@ -119,6 +119,33 @@ async fn the_readme_quickstart_works_as_written() {
     let (_, out, _) = shell.run(&["exec", "open-door", "--wait"]).await;
     let run: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(run["output"], json!({"message": "the door opens"}), "{run}");
+
+    // The seed's API endpoint, over HTTP and over HTTPS with the self-signed certificate.
+    let reply = request(
+        gw.api_http,
+        http::Method::POST,
+        "/hello",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from_static(br#"{"name": "Jon", "place": "Winterfell"}"#),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"myField": "Hello, Jon from Winterfell"})
+    );
+    let tls = common::tls::TlsClient::trusting(&gw.data_dir().join("tls").join("api.crt"));
+    let reply = tls
+        .request(
+            gw.api_https,
+            http::Method::POST,
+            "/hello",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "name=Arya&place=Braavos",
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.json(), json!({"myField": "Hello, Arya from Braavos"}));
 
     let (code, out, err) = shell.run(&["get", "runs"]).await;
     assert_eq!(code, 0, "{err}");

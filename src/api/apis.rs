@@ -93,14 +93,7 @@ pub async fn update(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
     let mut api = parse(app, req).await?;
-    if api.name.is_empty() {
-        api.name = name.to_string();
-    } else if api.name != name {
-        return Err(Error::BadRequest(format!(
-            "name: \"{}\" does not match the path's \"{name}\" (APIs cannot be renamed)",
-            api.name
-        )));
-    }
+    super::name_from_path(&mut api.name, name, "APIs")?;
     let _serial = app.writes.lock().await;
     let was = current(app, name)?;
     check(app, &mut api)?;

@@ -83,14 +83,7 @@ pub async fn update(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
     let mut subscription = parse(app, req).await?;
-    if subscription.name.is_empty() {
-        subscription.name = name.to_string();
-    } else if subscription.name != name {
-        return Err(Error::BadRequest(format!(
-            "name: \"{}\" does not match the path's \"{name}\" (subscriptions cannot be renamed)",
-            subscription.name
-        )));
-    }
+    super::name_from_path(&mut subscription.name, name, "subscriptions")?;
     subscription.validate()?;
     check_function(app, &subscription)?;
     let _serial = app.writes.lock().await;

@@ -152,14 +152,7 @@ pub async fn update(
         .get(name)
         .map(|current| (current.spec.id.clone(), current.spec.created_time))
         .ok_or_else(|| Error::NotFound(format!("function \"{name}\" not found")))?;
-    if function.name.is_empty() {
-        function.name = name.to_string();
-    } else if function.name != name {
-        return Err(Error::BadRequest(format!(
-            "name: \"{}\" does not match the path's \"{name}\" (functions cannot be renamed)",
-            function.name
-        )));
-    }
+    super::name_from_path(&mut function.name, name, "functions")?;
     function.id = id;
     function.kind = "Function".into();
     function.created_time = created_time;

@@ -226,6 +226,21 @@ pub(crate) async fn read_limited(
     }
 }
 
+/// The name in a PUT's body must be the path's (`what`, plural, cannot be renamed); an
+/// empty one takes it.
+fn name_from_path(given: &mut String, path_name: &str, what: &str) -> Result<(), Error> {
+    if given.is_empty() {
+        *given = path_name.to_string();
+        return Ok(());
+    }
+    if given != path_name {
+        return Err(Error::BadRequest(format!(
+            "name: \"{given}\" does not match the path's \"{path_name}\" ({what} cannot be renamed)"
+        )));
+    }
+    Ok(())
+}
+
 /// A JSON body; a bad one is a 400 that names the field at fault (`timeout: invalid
 /// type...`, `upstream.http2: ...`) or, for malformed JSON, where it breaks.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {

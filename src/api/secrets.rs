@@ -72,14 +72,7 @@ pub async fn update(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Error> {
     let mut secret = parse(app, req).await?;
-    if secret.name.is_empty() {
-        secret.name = name.to_string();
-    } else if secret.name != name {
-        return Err(Error::BadRequest(format!(
-            "name: \"{}\" does not match the path's \"{name}\" (secrets cannot be renamed)",
-            secret.name
-        )));
-    }
+    super::name_from_path(&mut secret.name, name, "secrets")?;
     secret.validate()?;
     let _serial = app.writes.lock().await;
     let current = app

@@ -1,15 +1,4 @@
 //! Async runs. A run submitted without `blocking` (or on `/async-function/{name}`) is
-//! accepted only once it is durable: with the `embedded` backend, its record (INITIALIZED)
-//! and its place in the queue are written to the store in one transaction before the 202.
-//! Workers take due runs from the queue (holding each for `queue.hold_seconds`, so that a
-//! gateway that dies lets go of its runs), mark them CREATING, run them through the same
-//! invoker as blocking runs (pool, limits, deadlines, schemas, secrets), and then either
-//! record the outcome and take the run out of the queue, or put it back for a retry after an
-//! exponential backoff with jitter (failures worth trying again: the function could not be
-//! reached, or answered 429, 502, 503 or 504). Delivery is at least once; the record is one
-//! per run name, whatever the number of attempts.
-
-//! Async runs. A run submitted without `blocking` (or on `/async-function/{name}`) is
 //! accepted only once it is durable, in one of two backends (`queue.backend`):
 //! - `embedded` ([`embedded`]): its record (INITIALIZED) and its place in the queue are
 //!   written to the store in one transaction before the 202;

@@ -52,12 +52,14 @@ C
   "$@" "$NGINX" -p "$TMP/up" -e "$TMP/up/err" -c "$TMP/up/nginx.conf" & PIDS+=($!)
 }
 
-# Starts the gateway (with `env` assignments given as arguments), registers the raw
-# function `fast` on the upstream and writes wrk's script: sets GW and BASE.
+# Starts the gateway (with `env` assignments given as arguments; its data in GW_DATA,
+# by default $TMP/data), registers the raw function `fast` on the upstream and writes
+# wrk's script: sets GW, BASE and GW_PID.
 start_gateway_with_fast() {
   GW=$(port)
   BASE="http://127.0.0.1:$GW"
-  env RUST_LOG=warn "$@" "$DISPATCH_BIN" serve --listen "127.0.0.1:$GW" --data-dir "$TMP/data" >"$TMP/gw.log" 2>&1 & PIDS+=($!)
+  env RUST_LOG=warn "$@" "$DISPATCH_BIN" serve --listen "127.0.0.1:$GW" --data-dir "${GW_DATA:-$TMP/data}" >"$TMP/gw.log" 2>&1 & GW_PID=$!
+  PIDS+=("$GW_PID")
   for _ in $(seq 100); do curl -sf "$BASE/healthz" >/dev/null && break; sleep 0.1; done
   curl -sf -o /dev/null -X POST "$BASE/v1/function" -H 'content-type: application/json' \
     -H "Authorization: Bearer $DISPATCH_AUTH_TOKEN" \

@@ -4,7 +4,8 @@
 //! `queue.confirm_window`), for `DURATION` seconds, then deletes its queue.
 //!
 //! `cargo run --release --example confirm_ceiling` (env: AMQP_URL, DURATION=10,
-//! WINDOW=1024, BODY_BYTES=300). Prints `CEILING <confirmed> <per second>`.
+//! WINDOW=1024, BODY_BYTES=300). Prints `CEILING <confirmed> <per second> <p50 us> <p99 us>` (from a publish to its
+//! confirm).
 
 use std::time::{Duration, Instant};
 
@@ -45,9 +46,11 @@ async fn main() -> Result<(), lapin::Error> {
         .await?;
     let mut pending = FuturesUnordered::new();
     let mut confirmed = 0u64;
+    let mut latencies = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration {
         while pending.len() < window {
+            let sent = Instant::now();
             let confirm = channel
                 .basic_publish(
                     "".into(),
@@ -57,22 +60,31 @@ async fn main() -> Result<(), lapin::Error> {
                     BasicProperties::default().with_delivery_mode(2),
                 )
                 .await?;
-            pending.push(confirm);
+            pending.push(async move { (confirm.await, sent.elapsed()) });
         }
-        if let Some(confirmation) = pending.next().await {
+        if let Some((confirmation, took)) = pending.next().await {
             assert!(confirmation?.is_ack(), "the broker refused a message");
             confirmed += 1;
+            latencies.push(took);
         }
     }
-    while let Some(confirmation) = pending.next().await {
+    while let Some((confirmation, took)) = pending.next().await {
         assert!(confirmation?.is_ack(), "the broker refused a message");
         confirmed += 1;
+        latencies.push(took);
     }
     let elapsed = started.elapsed().as_secs_f64();
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
     let _ = conn.close(200, "done".into()).await;
-    println!("CEILING {confirmed} {:.0}", confirmed as f64 / elapsed);
+    latencies.sort_unstable();
+    let us = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_micros();
+    println!(
+        "CEILING {confirmed} {:.0} {} {}",
+        confirmed as f64 / elapsed,
+        us(0.5),
+        us(0.99)
+    );
     Ok(())
 }

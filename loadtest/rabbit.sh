@@ -4,7 +4,10 @@
 #     publisher confirms (loadtest/confirm_ceiling.rs), for DURATION seconds;
 #  2. the gateway (queue.backend = "rabbitmq", its consumers running a fast function, an
 #     nginx answering 200): wrk submitting POST /async-function/fast for DURATION seconds,
-#     each 202 after the broker's confirm; then waiting until every run has finished.
+#     each 202 after the broker's confirm; then waiting until every run has finished;
+#  3. a submit-only gateway (queue.workers = 0, its own queues; the runs are left to
+#     whoever consumes, here nobody): wrk submitting the same for DURATION seconds. Like
+#     the bare loop it only publishes, so this row is the accept path's cost alone.
 #
 # Env: DISPATCH_BIN=path and CEILING_BIN=path (skip `cargo build`), DURATION=10,
 #      CONNECTIONS=16, AMQP_URL (default the machine's broker, guest/guest).
@@ -62,8 +65,19 @@ T1=$(date +%s.%N)
 DONE=$(metric dispatch_queue_finished_total)
 COMPLETE_RPS=$(awk -v n="$DONE" -v a="$T0" -v b="$T1" 'BEGIN { printf "%.0f", n / (b - a) }')
 ERRORS=$(metric 'dispatch_queue_finished_total[{]status="ERROR"[}]')
-RATIO=$(awk -v a="$RPS" -v c="$CEIL_RPS" 'BEGIN { printf "%.2f", a / c }')
-SAME_RATIO=$(awk -v a="$RPS" -v c="$SAME_RPS" 'BEGIN { printf "%.2f", a / c }')
+ratio() { awk -v a="$1" -v c="$2" 'BEGIN { printf "%.2f", a / c }'; }
+RATIO=$(ratio "$RPS" "$CEIL_RPS")
+SAME_RATIO=$(ratio "$RPS" "$SAME_RPS")
+kill "$GW_PID" 2>/dev/null || true
+wait "$GW_PID" 2>/dev/null || true
+
+log "submit-only gateway (queue.workers = 0): submits for ${DURATION}s on $CONNECTIONS connections"
+GW_DATA="$TMP/data-submit" start_gateway_with_fast DISPATCH_QUEUE_BACKEND=rabbitmq DISPATCH_QUEUE_URL="$AMQP_URL" \
+  DISPATCH_QUEUE_NAME_PREFIX="$PREFIX.submit" DISPATCH_QUEUE_WORKERS=0
+read -r S_REQ S_RPS S_P50 S_P99 S_ERR <<<"$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -s "$TMP/post.lua" "$BASE/async-function/fast" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')"
+S_CONFIRMED=$(metric dispatch_queue_confirmed_total)
+S_RATIO=$(ratio "$S_RPS" "$CEIL_RPS")
+S_SAME_RATIO=$(ratio "$S_RPS" "$SAME_RPS")
 
 OUT="$SCRIPT_DIR/results/rabbit.md"
 mkdir -p "$SCRIPT_DIR/results"
@@ -79,4 +93,5 @@ mkdir -p "$SCRIPT_DIR/results"
   echo "| ceiling at the gateway's concurrency: the same loop, window $CONNECTIONS | $SAME_N confirmed ($SAME_RPS/s) |"
   echo "| gateway: runs accepted (202 after record and confirm), $CONNECTIONS connections, ${DURATION}s, its consumers running meanwhile | $REQ ($RPS/s, p50 $P50 us, p99 $P99 us, $ERR errors) = ${RATIO}x the window-1024 ceiling, ${SAME_RATIO}x the same-concurrency one |"
   echo "| runs completed (fast function), from the first submit to the last finish | $DONE at $COMPLETE_RPS/s (${ERRORS:-0} ERROR) |"
+  echo "| submit-only gateway (queue.workers = 0): runs accepted, $CONNECTIONS connections, ${DURATION}s, no consumers | $S_REQ ($S_RPS/s, p50 $S_P50 us, p99 $S_P99 us, $S_ERR errors, $S_CONFIRMED confirmed) = ${S_RATIO}x the window-1024 ceiling, ${S_SAME_RATIO}x the same-concurrency one |"
 } | tee "$OUT"

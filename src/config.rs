@@ -366,8 +366,11 @@ impl Config {
         if self.records.batch == 0 {
             return bad("records.batch", "must be at least 1");
         }
-        if self.queue.workers == 0 {
-            return bad("queue.workers", "must be at least 1");
+        if self.queue.workers == 0 && self.queue.backend != QueueBackend::Rabbitmq {
+            return bad(
+                "queue.workers",
+                "must be at least 1 with the embedded queue (0, a replica that accepts runs and runs none, needs queue.backend = \"rabbitmq\")",
+            );
         }
         if self.queue.attempts == 0 {
             return bad("queue.attempts", "must be at least 1");
@@ -707,6 +710,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("queue.url"), "{e}");
+
+        // No workers: only where another replica can take the runs, from the broker.
+        let none = ("DISPATCH_QUEUE_WORKERS", "0");
+        let e = Config::load(None, &Overrides::default(), env(&[none])).unwrap_err();
+        assert!(e.to_string().contains("queue.workers"), "{e}");
+        let c = Config::load(
+            None,
+            &Overrides::default(),
+            env(&[none, ("DISPATCH_QUEUE_BACKEND", "rabbitmq")]),
+        )
+        .unwrap();
+        assert_eq!(c.queue.workers, 0);
     }
 
     #[test]

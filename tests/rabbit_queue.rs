@@ -313,3 +313,55 @@ async fn a_run_cut_by_a_shutdown_is_delivered_again_to_the_next_start() {
     assert_eq!(run["status"], "READY", "{run}");
     assert_eq!(run["output"], "gated");
 }
+
+/// `queue.workers = 0`: a replica that accepts runs (each confirmed by the broker) and
+/// runs none, as OpenFaaS' gateway beside its queue-workers; another replica on the same
+/// broker and store runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_no_workers_accepts_runs_that_another_runs() {
+    let queues = TestQueues::new().await;
+    let db = TestDatabase::create().await;
+    let url = db.url();
+    let up = Upstream::start(Behavior::Envelope).await;
+    let store = ("DISPATCH_STORE_URL", url.as_str());
+    let submitter = gateway(&queues, &[store, ("DISPATCH_QUEUE_WORKERS", "0")]).await;
+    submitter.register(&dispatch_fn("hello", up.addr)).await;
+    const RUNS: usize = 20;
+    let mut names = Vec::new();
+    for i in 0..RUNS {
+        names.push(submit(&submitter, "hello", json!({"name": format!("n{i}")})).await);
+    }
+    // Accepted and waiting: no consumer takes them.
+    let mut depth = 0;
+    for _ in 0..50 {
+        depth = queues.depth("runs").await;
+        if depth == RUNS as u32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(depth, RUNS as u32);
+    assert_eq!(up.stats.requests(), 0);
+    let run = submitter
+        .get(&format!("/v1/runs/{}", names[0]))
+        .await
+        .json();
+    assert_eq!(run["status"], "INITIALIZED", "{run}");
+    let m = submitter.metrics().await;
+    assert_eq!(m.value("dispatch_queue_submitted_total", &[]), RUNS as f64);
+    assert_eq!(m.value("dispatch_queue_confirmed_total", &[]), RUNS as f64);
+
+    let worker = gateway(&queues, &[store, ("DISPATCH_QUEUE_WORKERS", "4")]).await;
+    for (i, name) in names.iter().enumerate() {
+        let run = run_finished(&submitter, name, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "READY", "{run}");
+        assert_eq!(run["output"]["greeting"], format!("Hello, n{i}"));
+    }
+    assert_eq!(up.stats.requests(), RUNS);
+    assert_eq!(queues.depth("runs").await, 0);
+    let m = worker.metrics().await;
+    assert_eq!(
+        m.value("dispatch_queue_finished_total", &[("status", "READY")]),
+        RUNS as f64
+    );
+}

@@ -9,8 +9,9 @@
 //! with `Retry-After` for a submit) instead of waiting on a connection that may not come.
 //!
 //! Publishing is pipelined: callers hand messages to the owning task through a channel;
-//! the task publishes what has queued up, in order, and keeps each publish's confirm in a
-//! set it polls beside everything else, answering each caller when its own confirm
+//! the task publishes what has queued up, in order, and keeps each publish (its write,
+//! then its confirm) in a set it polls beside everything else, queue depths included, so
+//! the loop never waits on one thing; it answers each caller when its own confirm
 //! arrives. At most `queue.confirm_window` publishes await their confirm at once; more
 //! wait in the channel. A publish whose confirm never comes (the connection dropped) is
 //! answered with an error, never with a success. Every publish is `mandatory`: a message
@@ -18,6 +19,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -88,7 +90,8 @@ pub struct Broker {
 struct Session {
     conn: Connection,
     publish: Channel,
-    consumer: Consumer,
+    /// None on a replica with `queue.workers = 0`: it accepts runs and runs none.
+    consumer: Option<Consumer>,
     /// For passive declares (queue depth), apart from the publishing channel.
     inspect: Channel,
 }
@@ -281,19 +284,25 @@ impl Keeper {
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let consume = conn.create_channel().await?;
-        consume
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await?;
-        let tag = format!("dispatch-{}-{}", std::process::id(), crate::model::new_id());
-        let consumer = consume
-            .basic_consume(
-                t.work.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        // A prefetch of 0 would mean no bound at all to AMQP: no workers, no consumer.
+        let consumer = if self.prefetch == 0 {
+            None
+        } else {
+            let consume = conn.create_channel().await?;
+            consume
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await?;
+            let tag = format!("dispatch-{}-{}", std::process::id(), crate::model::new_id());
+            let consumer = consume
+                .basic_consume(
+                    t.work.as_str().into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Some(consumer)
+        };
         Ok(Session {
             conn,
             publish,
@@ -313,8 +322,11 @@ impl Keeper {
         let metrics = &self.broker.metrics;
         let mut events = session.conn.events_listener().boxed();
         let mut consumer = session.consumer.clone();
+        let publisher = Arc::new(session.publish.clone());
         let mut pending: FuturesUnordered<BoxFuture<'static, Answer>> = FuturesUnordered::new();
-        let mut depth = tokio::time::interval(DEPTH_EVERY);
+        // Polled beside the rest, so that asking for depths never holds up a confirm.
+        let depths = self.poll_depths(&session.inspect);
+        tokio::pin!(depths);
         loop {
             tokio::select! {
                 event = events.next() => match event {
@@ -322,7 +334,7 @@ impl Keeper {
                     None => return "the connection closed".into(),
                     Some(_) => {}
                 },
-                delivery = consumer.next() => match delivery {
+                delivery = async { consumer.as_mut()?.next().await }, if consumer.is_some() => match delivery {
                     Some(Ok(delivery)) => { let _ = deliveries.send(delivery); }
                     Some(Err(e)) => return format!("consumer: {e}"),
                     None => return "the broker cancelled the consumer".into(),
@@ -343,68 +355,60 @@ impl Keeper {
                             Err(_) => break,
                         }
                     }
-                    if let Err(why) = self.publish(&session.publish, batch, &mut pending).await {
-                        return why;
-                    }
+                    self.publish(&publisher, batch, &mut pending);
                 }
-                _ = depth.tick() => {
-                    if let Err(e) = self.depths(&session.inspect).await {
-                        return format!("queue depth: {e}");
-                    }
-                }
+                e = &mut depths => return format!("queue depth: {e}"),
                 () = self.broker.stop.notified() => return "the gateway stopped".into(),
             }
         }
     }
 
-    /// Publishes a batch in order and puts each one's confirm with the pending ones. The
-    /// frames of the whole batch are queued before any is waited on (a publish's future
-    /// registers its confirm and queues its frames when first polled, and they are polled
-    /// in order), so the batch goes out in one write.
-    async fn publish(
+    /// Publishes a batch in order and puts each publish, with its confirm, among the
+    /// pending ones. The frames of the whole batch are queued before any is waited on (a
+    /// publish's future registers its confirm and queues its frames when first polled, and
+    /// they are polled here in order), so the batch goes out in one write; neither that
+    /// write nor the confirms are awaited here, so the loop goes on answering meanwhile.
+    fn publish(
         &self,
-        channel: &Channel,
+        channel: &Arc<Channel>,
         batch: Vec<Publish>,
         pending: &mut FuturesUnordered<BoxFuture<'static, Answer>>,
-    ) -> Result<(), String> {
+    ) {
         let metrics = &self.broker.metrics;
-        let (outs, dones): (Vec<Outgoing>, Vec<_>) =
-            batch.into_iter().map(|p| (p.out, p.done)).unzip();
         let mandatory = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let mut sends = Vec::with_capacity(outs.len());
-        for out in &outs {
-            let mut send = Box::pin(channel.basic_publish(
-                "".into(),
-                out.queue.as_str().into(),
-                mandatory,
-                &out.body,
-                out.properties.clone(),
-            ));
-            let polled = futures_util::poll!(send.as_mut());
-            sends.push((send, polled));
-        }
-        let mut failed = None;
-        for ((send, polled), done) in sends.into_iter().zip(dones) {
-            let sent = match polled {
-                std::task::Poll::Ready(sent) => sent,
-                std::task::Poll::Pending => send.await,
-            };
-            match sent {
-                Ok(confirm) => {
-                    metrics.published.inc();
-                    metrics.unconfirmed.inc();
-                    pending.push(Box::pin(async move { Answer(confirm.await, done) }));
-                }
-                Err(e) => {
-                    let _ = done.send(Err(format!("publish failed: {e}")));
-                    failed.get_or_insert_with(|| format!("publish failed: {e}"));
-                }
+        for Publish { out, done } in batch {
+            let channel = channel.clone();
+            let published = metrics.published.clone();
+            let mut answer = Box::pin(async move {
+                let sent = channel
+                    .basic_publish(
+                        "".into(),
+                        out.queue.as_str().into(),
+                        mandatory,
+                        &out.body,
+                        out.properties,
+                    )
+                    .await;
+                let outcome = match sent {
+                    Ok(confirm) => {
+                        published.inc();
+                        confirm.await.map_err(Lost::Confirm)
+                    }
+                    Err(e) => Err(Lost::Send(e)),
+                };
+                Answer(outcome, done)
+            });
+            metrics.unconfirmed.inc();
+            // The first poll, here and in order; `pending` polls it again with its own waker.
+            let mut first = Context::from_waker(Waker::noop());
+            match answer.as_mut().poll(&mut first) {
+                Poll::Ready(answer) => pending.push(Box::pin(std::future::ready(answer))),
+                Poll::Pending => pending.push(answer),
             }
         }
-        failed.map_or(Ok(()), Err)
     }
 
     /// Answers one publisher with what the broker said; says why the connection must be
@@ -429,10 +433,26 @@ impl Keeper {
                 metrics.nacked.inc();
                 (Err("the broker refused the message (nack)".into()), None)
             }
-            Err(e) => (Err(format!("no confirm: {e}")), None),
+            Err(Lost::Confirm(e)) => (Err(format!("no confirm: {e}")), None),
+            // The channel is broken: open everything again.
+            Err(Lost::Send(e)) => (
+                Err(format!("publish failed: {e}")),
+                Some(format!("publish failed: {e}")),
+            ),
         };
         let _ = done.send(result);
         reopen
+    }
+
+    /// Asks for the depths every [`DEPTH_EVERY`]; returns why it could not.
+    async fn poll_depths(&self, channel: &Channel) -> lapin::Error {
+        let mut every = tokio::time::interval(DEPTH_EVERY);
+        loop {
+            every.tick().await;
+            if let Err(e) = self.depths(channel).await {
+                return e;
+            }
+        }
     }
 
     /// Asks the broker how many messages wait in the work, delay and dead queues.
@@ -472,9 +492,17 @@ impl Keeper {
 
 /// A publish's confirm (or why none came), with its caller.
 struct Answer(
-    Result<Confirmation, lapin::Error>,
+    Result<Confirmation, Lost>,
     oneshot::Sender<Result<(), String>>,
 );
+
+/// Why a publish has no confirm.
+enum Lost {
+    /// Its frames were not sent.
+    Send(lapin::Error),
+    /// Sent, but the confirm never came (the connection dropped).
+    Confirm(lapin::Error),
+}
 
 /// An AMQP URL without its password, for logs.
 fn redact(url: &str) -> String {

@@ -4,8 +4,8 @@
 //! `queue.confirm_window`), for `DURATION` seconds, then deletes its queue.
 //!
 //! `cargo run --release --example confirm_ceiling` (env: AMQP_URL, DURATION=10,
-//! WINDOW=1024, BODY_BYTES=300). Prints `CEILING <confirmed> <per second> <p50 us> <p99 us>` (from a publish to its
-//! confirm).
+//! WINDOW=1024, BODY_BYTES=300). Prints `CEILING <confirmed> <per second> <p50 us>
+//! <p99 us>`, the percentiles of the time from a publish to its confirm.
 
 use std::time::{Duration, Instant};
 

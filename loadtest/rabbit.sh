@@ -45,10 +45,10 @@ fi
 # gateway's submits have.
 ceiling() {
   log "ceiling: bare lapin publish loop with confirms, window $1, ${DURATION}s"
-  AMQP_URL=$AMQP_URL DURATION=$DURATION WINDOW=$1 "$CEILING_BIN" | awk '/^CEILING/ {print $2, $3}'
+  AMQP_URL=$AMQP_URL DURATION=$DURATION WINDOW=$1 "$CEILING_BIN" | awk '/^CEILING/ {print $2, $3, $4, $5}'
 }
-read -r CEIL_N CEIL_RPS <<<"$(ceiling 1024)"
-read -r SAME_N SAME_RPS <<<"$(ceiling "$CONNECTIONS")"
+read -r CEIL_N CEIL_RPS CEIL_P50 CEIL_P99 <<<"$(ceiling 1024)"
+read -r SAME_N SAME_RPS SAME_P50 SAME_P99 <<<"$(ceiling "$CONNECTIONS")"
 [[ -n ${CEIL_RPS:-} && -n ${SAME_RPS:-} ]] || die "the ceiling loop printed nothing"
 
 start_fast_upstream
@@ -89,8 +89,8 @@ mkdir -p "$SCRIPT_DIR/results"
   echo
   echo "| measure | value |"
   echo "| --- | ---: |"
-  echo "| ceiling: bare lapin publish loop, persistent, confirms pipelined (window 1024), ${DURATION}s | $CEIL_N confirmed ($CEIL_RPS/s) |"
-  echo "| ceiling at the gateway's concurrency: the same loop, window $CONNECTIONS | $SAME_N confirmed ($SAME_RPS/s) |"
+  echo "| ceiling: bare lapin publish loop, persistent, confirms pipelined (window 1024), ${DURATION}s | $CEIL_N confirmed ($CEIL_RPS/s, publish to confirm p50 $CEIL_P50 us, p99 $CEIL_P99 us) |"
+  echo "| ceiling at the gateway's concurrency: the same loop, window $CONNECTIONS | $SAME_N confirmed ($SAME_RPS/s, publish to confirm p50 $SAME_P50 us, p99 $SAME_P99 us) |"
   echo "| gateway: runs accepted (202 after record and confirm), $CONNECTIONS connections, ${DURATION}s, its consumers running meanwhile | $REQ ($RPS/s, p50 $P50 us, p99 $P99 us, $ERR errors) = ${RATIO}x the window-1024 ceiling, ${SAME_RATIO}x the same-concurrency one |"
   echo "| runs completed (fast function), from the first submit to the last finish | $DONE at $COMPLETE_RPS/s (${ERRORS:-0} ERROR) |"
   echo "| submit-only gateway (queue.workers = 0): runs accepted, $CONNECTIONS connections, ${DURATION}s, no consumers | $S_REQ ($S_RPS/s, p50 $S_P50 us, p99 $S_P99 us, $S_ERR errors, $S_CONFIRMED confirmed) = ${S_RATIO}x the window-1024 ceiling, ${S_SAME_RATIO}x the same-concurrency one |"

@@ -381,7 +381,6 @@ impl Keeper {
         };
         for Publish { out, done } in batch {
             let channel = channel.clone();
-            let published = metrics.published.clone();
             let mut answer = Box::pin(async move {
                 let sent = channel
                     .basic_publish(
@@ -393,10 +392,7 @@ impl Keeper {
                     )
                     .await;
                 let outcome = match sent {
-                    Ok(confirm) => {
-                        published.inc();
-                        confirm.await.map_err(Lost::Confirm)
-                    }
+                    Ok(confirm) => confirm.await.map_err(Lost::Confirm),
                     Err(e) => Err(Lost::Send(e)),
                 };
                 Answer(outcome, done)
@@ -415,6 +411,9 @@ impl Keeper {
     /// opened again, if it must.
     fn answer(&self, Answer(confirmation, done): Answer) -> Option<String> {
         let metrics = &self.broker.metrics;
+        if !matches!(confirmation, Err(Lost::Send(_))) {
+            metrics.published.inc();
+        }
         let (result, reopen) = match confirmation {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
                 metrics.confirmed.inc();

@@ -126,6 +126,11 @@ pub struct QueueConfig {
     pub url: String,
     pub name_prefix: String,
     pub confirm_window: usize,
+    /// How long the broker may leave a connection attempt or the oldest publish
+    /// unanswered before the connection is given up and opened again.
+    pub confirm_timeout_ms: u64,
+    /// The AMQP heartbeat asked for, unless `url` has its own `heartbeat`.
+    pub heartbeat_seconds: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -379,6 +384,9 @@ impl Config {
             if !self.queue.url.starts_with("amqp://") {
                 return bad("queue.url", "must be an amqp:// URL");
             }
+            if let Err(e) = self.queue.url.parse::<lapin::uri::AMQPUri>() {
+                return bad("queue.url", &format!("is not a valid AMQP URL: {e}"));
+            }
             let prefix = &self.queue.name_prefix;
             if prefix.is_empty() || prefix.len() > 200 {
                 return bad("queue.name_prefix", "must be 1 to 200 characters");
@@ -388,6 +396,9 @@ impl Config {
                     "queue",
                     "confirm_window must be at least 1, workers at most 65535 (the prefetch)",
                 );
+            }
+            if self.queue.confirm_timeout_ms == 0 {
+                return bad("queue.confirm_timeout_ms", "must be greater than 0");
             }
         }
         if self.queue.poll_ms == 0 || self.queue.hold_seconds == 0 {
@@ -700,16 +711,25 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("openfaas"), "{e}");
 
-        let e = Config::load(
-            None,
-            &Overrides::default(),
-            env(&[
-                ("DISPATCH_QUEUE_BACKEND", "rabbitmq"),
-                ("DISPATCH_QUEUE_URL", "http://broker"),
-            ]),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("queue.url"), "{e}");
+        // On RabbitMQ, each bad setting is refused naming what is wrong.
+        for (key, value, named) in [
+            ("DISPATCH_QUEUE_URL", "http://broker", "queue.url"),
+            (
+                "DISPATCH_QUEUE_URL",
+                "amqp://broker/%2f?heartbeat=often",
+                "not a valid AMQP URL",
+            ),
+            (
+                "DISPATCH_QUEUE_CONFIRM_TIMEOUT_MS",
+                "0",
+                "queue.confirm_timeout_ms",
+            ),
+        ] {
+            let rabbit = ("DISPATCH_QUEUE_BACKEND", "rabbitmq");
+            let e = Config::load(None, &Overrides::default(), env(&[rabbit, (key, value)]))
+                .unwrap_err();
+            assert!(e.to_string().contains(named), "{key}={value}: {e}");
+        }
 
         // No workers: only where another replica can take the runs, from the broker.
         let none = ("DISPATCH_QUEUE_WORKERS", "0");

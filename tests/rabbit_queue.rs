@@ -1,8 +1,8 @@
 //! Async runs on the `rabbitmq` backend, with the machine's real broker: accepted once the
 //! broker confirmed them, run by the gateway's consumers, tried again through delay
 //! queues, kept with the dead letters after the last attempt, and never lost nor recorded
-//! twice when a gateway is killed mid-way. Also: function-marked retryable errors, on both
-//! backends.
+//! twice when a gateway is killed mid-way, nor waited on for ever when the broker goes
+//! silent. Also: function-marked retryable errors, on both backends.
 
 mod common;
 
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use common::pg::TestDatabase;
-use common::rabbit::TestQueues;
+use common::rabbit::{StallingProxy, TestQueues};
 use common::{Behavior, Gateway, Upstream, free_addr, function, run_finished};
 
 fn dispatch_fn(name: &str, addr: SocketAddr) -> Value {
@@ -364,4 +364,86 @@ async fn a_replica_with_no_workers_accepts_runs_that_another_runs() {
         m.value("dispatch_queue_finished_total", &[("status", "READY")]),
         RUNS as f64
     );
+}
+
+/// Submits a run, bounded against a hang (the bound is not a timing assertion: the
+/// gateway's own is a second); gives the reply.
+async fn try_submit(gw: &Gateway, function: &str) -> common::Reply {
+    let path = format!("/v1/runs?functionName={function}");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        gw.post_json(&path, &json!({"input": {"name": "x"}})),
+    )
+    .await
+    .expect("a submit still unanswered after 60 s: the gateway waits on a silent broker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_gone_silent_gets_503s_not_hangs_and_the_gateway_connects_again() {
+    let queues = TestQueues::new().await;
+    let proxy = StallingProxy::start().await;
+    let up = Upstream::start(Behavior::Envelope).await;
+    // A short heartbeat, so that the broker soon gives up the silent connection and hands
+    // the runs it had delivered there to the new one.
+    let url = format!("{}?heartbeat=2", proxy.url());
+    let gw = gateway(
+        &queues,
+        &[
+            ("DISPATCH_QUEUE_URL", url.as_str()),
+            ("DISPATCH_QUEUE_CONFIRM_TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
+    gw.register(&dispatch_fn("hello", up.addr)).await;
+    let mut accepted = Vec::new();
+    for _ in 0..10 {
+        accepted.push(submit(&gw, "hello", json!({"name": "before"})).await);
+    }
+    for name in &accepted {
+        let run = run_finished(&gw, name, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "READY", "{run}");
+    }
+
+    // Silent: no confirm comes and nothing is closed. The submit waiting on it is a 503,
+    // and so is every one after, until the broker answers again.
+    proxy.stall();
+    let mut refused = 0;
+    while refused < 5 {
+        let reply = try_submit(&gw, "hello").await;
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(reply.header("retry-after").is_some(), "{}", reply.text());
+        reply.assert_error(503, "queue-unavailable");
+        refused += 1;
+    }
+    let m = gw.metrics().await;
+    assert_eq!(m.value("dispatch_queue_connected", &[]), 0.0);
+    // The log says why the connection was given up; connection attempts into the
+    // silence give up too, and are tried again.
+    common::until_seen(
+        "the log naming the missing confirm, then a connection attempt given up",
+        || async { gw.log() },
+        |log| log.contains("no confirm for 1000 ms") && log.contains("no answer within 1000 ms"),
+    )
+    .await;
+
+    proxy.resume();
+    let first = common::until_seen(
+        "a submit accepted after the broker answers again",
+        || try_submit(&gw, "hello"),
+        |reply| reply.status == 202,
+    )
+    .await;
+    accepted.push(first.json()["name"].as_str().unwrap().to_string());
+    for _ in 0..10 {
+        accepted.push(submit(&gw, "hello", json!({"name": "after"})).await);
+    }
+    for name in &accepted {
+        let run = run_finished(&gw, name, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "READY", "{run}");
+    }
+    let m = gw.metrics().await;
+    assert!(m.value("dispatch_queue_reconnects_total", &[]) >= 1.0);
+    assert_eq!(m.value("dispatch_queue_connected", &[]), 1.0);
+    // (A refused submit whose message got through before the silence may run too.)
+    assert!(up.stats.requests() >= accepted.len());
 }

@@ -16,6 +16,15 @@
 //! wait in the channel. A publish whose confirm never comes (the connection dropped) is
 //! answered with an error, never with a success. Every publish is `mandatory`: a message
 //! no queue takes comes back and its caller gets an error, not a 202 for nothing.
+//!
+//! Nothing here waits on the broker without a bound (`queue.confirm_timeout_ms`): a
+//! connection attempt (handshake, declarations, channels) that takes longer is given up,
+//! and so is a connection on which publishes wait and no confirm has come for that long
+//! (a broker blocked by a resource alarm, or a network that drops packets without a
+//! reset, closes nothing): the waiting callers get their error and the loop connects
+//! again. The connection asks for a heartbeat (`queue.heartbeat_seconds`, unless the URL
+//! has its own): a silent connection is given up by lapin here and by the broker there,
+//! which then hands the runs delivered to it and not acknowledged to other consumers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +40,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -73,6 +83,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The wait between connection attempts: doubled from the first to the last, with jitter.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How long closing a connection that is being given up may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the depth of the queues is asked for.
 const DEPTH_EVERY: Duration = Duration::from_secs(5);
 
@@ -106,6 +118,8 @@ impl Broker {
         topology: Topology,
         prefetch: u16,
         window: usize,
+        timeout: Duration,
+        heartbeat: u16,
         metrics: BrokerMetrics,
     ) -> (Arc<Broker>, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::channel(window.max(64));
@@ -124,9 +138,11 @@ impl Broker {
             topology,
             prefetch,
             window,
+            timeout,
+            heartbeat,
         };
         tokio::spawn(keeper.run(rx, deliveries, first));
-        let _ = tokio::time::timeout(Duration::from_secs(10), tried).await;
+        let _ = tokio::time::timeout(timeout, tried).await;
         (broker, received)
     }
 
@@ -180,6 +196,11 @@ struct Keeper {
     topology: Topology,
     prefetch: u16,
     window: usize,
+    /// `queue.confirm_timeout_ms`: the longest a connection attempt, or a connection on
+    /// which publishes wait without a confirm, may go unanswered.
+    timeout: Duration,
+    /// `queue.heartbeat_seconds`, unless the URL has its own.
+    heartbeat: u16,
 }
 
 impl Keeper {
@@ -211,14 +232,16 @@ impl Keeper {
                     self.broker.connected.store(false, Ordering::Release);
                     metrics.connected.set(0);
                     metrics.unconfirmed.set(0);
-                    let _ = session
-                        .conn
-                        .close(200, "dispatch: reconnecting".into())
-                        .await;
-                    if self.broker.stopping.load(Ordering::Acquire) {
+                    let stopping = self.broker.stopping.load(Ordering::Acquire);
+                    if !stopping {
+                        tracing::warn!(why = %why, "queue: RabbitMQ connection lost; reconnecting");
+                    }
+                    // A connection that stopped answering would not answer this either.
+                    let closing = session.conn.close(200, "dispatch: reconnecting".into());
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+                    if stopping {
                         return;
                     }
-                    tracing::warn!(why = %why, "queue: RabbitMQ connection lost; reconnecting");
                 }
                 Err(e) => {
                     if let Some(first) = first.take() {
@@ -244,11 +267,26 @@ impl Keeper {
         }
     }
 
-    /// Connects, declares the topology and opens the channels.
-    async fn connect(&self) -> Result<Session, lapin::Error> {
+    /// Connects, declares the topology and opens the channels, or says why it could not
+    /// within the timeout.
+    async fn connect(&self) -> Result<Session, String> {
+        let mut uri: AMQPUri = self.url.parse()?;
+        uri.query.heartbeat.get_or_insert(self.heartbeat);
+        match tokio::time::timeout(self.timeout, self.open(uri)).await {
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} ms (queue.confirm_timeout_ms)",
+                self.timeout.as_millis()
+            )),
+        }
+    }
+
+    /// [`Self::connect`] without its bound.
+    async fn open(&self, uri: AMQPUri) -> Result<Session, lapin::Error> {
         let properties =
             ConnectionProperties::default().with_connection_name("dispatch gateway".into());
-        let conn = Connection::connect(&self.url, properties).await?;
+        let conn = Connection::connect_uri(uri, properties).await?;
         let setup = conn.create_channel().await?;
         let durable = QueueDeclareOptions {
             durable: true,
@@ -327,6 +365,11 @@ impl Keeper {
         // Polled beside the rest, so that asking for depths never holds up a confirm.
         let depths = self.poll_depths(&session.inspect);
         tokio::pin!(depths);
+        // When the broker last answered a publish, or publishing began after none waited:
+        // looked at a few times per timeout, not reset per confirm.
+        let mut answered = tokio::time::Instant::now();
+        let mut watch = tokio::time::interval(self.timeout / 4);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = events.next() => match event {
@@ -340,6 +383,7 @@ impl Keeper {
                     None => return "the broker cancelled the consumer".into(),
                 },
                 Some(answer) = pending.next(), if !pending.is_empty() => {
+                    answered = tokio::time::Instant::now();
                     metrics.unconfirmed.dec();
                     if let Some(why) = self.answer(answer) {
                         return why;
@@ -355,7 +399,19 @@ impl Keeper {
                             Err(_) => break,
                         }
                     }
+                    if pending.is_empty() {
+                        answered = tokio::time::Instant::now();
+                    }
                     self.publish(&publisher, batch, &mut pending);
+                }
+                _ = watch.tick(), if !pending.is_empty() => {
+                    if answered.elapsed() >= self.timeout {
+                        return format!(
+                            "{} publishes waiting, no confirm for {} ms (queue.confirm_timeout_ms)",
+                            pending.len(),
+                            self.timeout.as_millis()
+                        );
+                    }
                 }
                 e = &mut depths => return format!("queue depth: {e}"),
                 () = self.broker.stop.notified() => return "the gateway stopped".into(),

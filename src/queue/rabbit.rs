@@ -81,6 +81,8 @@ impl Rabbit {
             topology.clone(),
             config.workers as u16,
             config.confirm_window,
+            std::time::Duration::from_millis(config.confirm_timeout_ms),
+            config.heartbeat_seconds,
             metrics.queue.broker.clone(),
         )
         .await;

@@ -115,3 +115,72 @@ impl Drop for TestQueues {
         .join();
     }
 }
+
+/// A TCP proxy in front of the broker that can go silent: once [`StallingProxy::stall`]
+/// is called, the connections it carries stop moving bytes either way and new ones are
+/// taken and never answered, all without a close or a reset, as a network that drops
+/// packets (or a frozen broker) would do. After [`StallingProxy::resume`], new
+/// connections go through again; the stalled ones stay stalled.
+pub struct StallingProxy {
+    pub port: u16,
+    stalled: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    pub async fn start() -> StallingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (stalled, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    if !*watch.borrow() {
+                        let mut broker = tokio::net::TcpStream::connect("127.0.0.1:5672")
+                            .await
+                            .expect("RabbitMQ at 127.0.0.1:5672 is unreachable");
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => return,
+                            _ = watch.wait_for(|stalled| *stalled) => {}
+                        }
+                        // Held open, carrying nothing, until the test ends.
+                        std::future::pending::<()>().await;
+                        drop(broker);
+                    }
+                    std::future::pending::<()>().await;
+                    drop(client);
+                });
+            }
+        });
+        StallingProxy {
+            port,
+            stalled,
+            task,
+        }
+    }
+
+    /// The broker's URL through this proxy.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

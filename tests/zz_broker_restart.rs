@@ -24,10 +24,10 @@ use tokio::sync::Mutex;
 use common::rabbit::TestQueues;
 use common::{Behavior, Connection, Gateway, Upstream, function};
 
-/// Runs `rabbitmqctl <command>`, asserting it worked.
+/// Runs `rabbitmqctl <command>` (bounded by its own `--timeout`), asserting it worked.
 fn rabbitmqctl(command: &str) {
     let out = std::process::Command::new("rabbitmqctl")
-        .arg(command)
+        .args(["--timeout", "120", command])
         .output()
         .unwrap_or_else(|e| panic!("running rabbitmqctl {command}: {e}"));
     assert!(
@@ -38,14 +38,14 @@ fn rabbitmqctl(command: &str) {
     );
 }
 
-/// Starts the broker's app again when dropped, however the test ends.
+/// Starts the broker's app again if the test ends (panics) while it is stopped.
 struct StartAppOnDrop;
 
 impl Drop for StartAppOnDrop {
     fn drop(&mut self) {
         let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .status();
+            .args(["--timeout", "120", "start_app"])
+            .output();
     }
 }
 
@@ -72,6 +72,9 @@ async fn broker_restart_loses_no_accepted_run_and_the_gateway_reconnects() {
     let seen = Arc::new(Seen::default());
     let restarted = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
+    // Bounds against a hang, not timing assertions: a gateway that never takes runs again,
+    // or a submit never answered, fails the test saying so instead of holding CI up.
+    let until = std::time::Instant::now() + Duration::from_secs(300);
     for _ in 0..CLIENTS {
         let (seen, restarted, addr) = (seen.clone(), restarted.clone(), gw.addr);
         clients.push(tokio::spawn(async move {
@@ -80,16 +83,25 @@ async fn broker_restart_loses_no_accepted_run_and_the_gateway_reconnects() {
             // after it, by the reconnected gateway).
             while !(restarted.load(Ordering::SeqCst) && seen.accepted.lock().await.len() >= TARGET)
             {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "after 300 s, {} accepted (of {TARGET}), {} refused, restart over: {}",
+                    seen.accepted.lock().await.len(),
+                    seen.refused.load(Ordering::SeqCst),
+                    restarted.load(Ordering::SeqCst)
+                );
                 // Our own run names, to know those of refused submits too.
                 let id = uuid::Uuid::new_v4().to_string();
-                let reply = conn
-                    .request_with(
-                        Method::POST,
-                        "/async-function/fast",
-                        &[("x-call-id", &id)],
-                        Bytes::from_static(b"{}"),
-                    )
-                    .await;
+                let headers = [("x-call-id", id.as_str())];
+                let submit = conn.request_with(
+                    Method::POST,
+                    "/async-function/fast",
+                    &headers,
+                    Bytes::from_static(b"{}"),
+                );
+                let reply = tokio::time::timeout(Duration::from_secs(60), submit)
+                    .await
+                    .expect("a submit unanswered after 60 s");
                 match reply.status.as_u16() {
                     202 => {
                         assert_eq!(reply.header("x-call-id"), Some(id.as_str()));
@@ -137,10 +149,12 @@ async fn broker_restart_loses_no_accepted_run_and_the_gateway_reconnects() {
     tokio::task::spawn_blocking(|| rabbitmqctl("start_app"))
         .await
         .unwrap();
-    drop(guard);
+    std::mem::forget(guard);
     restarted.store(true, Ordering::SeqCst);
     for client in clients {
-        client.await.unwrap();
+        if let Err(e) = client.await {
+            panic!("a client failed: {e}\n--- gateway log ---\n{}", gw.log());
+        }
     }
     let accepted = seen.accepted.lock().await.clone();
     assert!(accepted.len() >= TARGET);

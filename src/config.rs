@@ -133,6 +133,16 @@ pub struct QueueConfig {
     pub heartbeat_seconds: u16,
 }
 
+impl QueueConfig {
+    /// `url` as lapin takes it, asking for `heartbeat_seconds` unless it has its own
+    /// `heartbeat`. Checked at start-up, so an error here means a bad `url`.
+    pub fn amqp_uri(&self) -> Result<lapin::uri::AMQPUri, String> {
+        let mut uri: lapin::uri::AMQPUri = self.url.parse()?;
+        uri.query.heartbeat.get_or_insert(self.heartbeat_seconds);
+        Ok(uri)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueBackend {
@@ -384,7 +394,7 @@ impl Config {
             if !self.queue.url.starts_with("amqp://") {
                 return bad("queue.url", "must be an amqp:// URL");
             }
-            if let Err(e) = self.queue.url.parse::<lapin::uri::AMQPUri>() {
+            if let Err(e) = self.queue.amqp_uri() {
                 return bad("queue.url", &format!("is not a valid AMQP URL: {e}"));
             }
             let prefix = &self.queue.name_prefix;

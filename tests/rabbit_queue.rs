@@ -383,14 +383,17 @@ async fn a_broker_gone_silent_gets_503s_not_hangs_and_the_gateway_connects_again
     let queues = TestQueues::new().await;
     let proxy = StallingProxy::start().await;
     let up = Upstream::start(Behavior::Envelope).await;
-    // A short heartbeat, so that the broker soon gives up the silent connection and hands
-    // the runs it had delivered there to the new one.
-    let url = format!("{}?heartbeat=2", proxy.url());
+    // A short heartbeat (queue.heartbeat_seconds, the URL having none), so that the broker
+    // soon gives up the silent connection and hands the runs it had delivered there to the
+    // new one: with the broker's own 60 s, a run accepted after the reconnect can wait that
+    // long with the silent connection's consumer.
+    let url = proxy.url();
     let gw = gateway(
         &queues,
         &[
             ("DISPATCH_QUEUE_URL", url.as_str()),
             ("DISPATCH_QUEUE_CONFIRM_TIMEOUT_MS", "1000"),
+            ("DISPATCH_QUEUE_HEARTBEAT_SECONDS", "2"),
         ],
     )
     .await;
@@ -407,13 +410,11 @@ async fn a_broker_gone_silent_gets_503s_not_hangs_and_the_gateway_connects_again
     // Silent: no confirm comes and nothing is closed. The submit waiting on it is a 503,
     // and so is every one after, until the broker answers again.
     proxy.stall();
-    let mut refused = 0;
-    while refused < 5 {
+    for _ in 0..5 {
         let reply = try_submit(&gw, "hello").await;
         assert_eq!(reply.status, 503, "{}", reply.text());
         assert!(reply.header("retry-after").is_some(), "{}", reply.text());
         reply.assert_error(503, "queue-unavailable");
-        refused += 1;
     }
     let m = gw.metrics().await;
     assert_eq!(m.value("dispatch_queue_connected", &[]), 0.0);

@@ -115,11 +115,11 @@ impl Broker {
     /// returned receiver.
     pub async fn start(
         url: &str,
+        uri: AMQPUri,
         topology: Topology,
         prefetch: u16,
         window: usize,
         timeout: Duration,
-        heartbeat: u16,
         metrics: BrokerMetrics,
     ) -> (Arc<Broker>, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::channel(window.max(64));
@@ -135,11 +135,11 @@ impl Broker {
         let keeper = Keeper {
             broker: broker.clone(),
             url: url.to_string(),
+            uri,
             topology,
             prefetch,
             window,
             timeout,
-            heartbeat,
         };
         tokio::spawn(keeper.run(rx, deliveries, first));
         let _ = tokio::time::timeout(timeout, tried).await;
@@ -192,15 +192,15 @@ impl Broker {
 /// The task that owns the connection.
 struct Keeper {
     broker: Arc<Broker>,
+    /// `queue.url`, for the logs (without its password), and as lapin takes it.
     url: String,
+    uri: AMQPUri,
     topology: Topology,
     prefetch: u16,
     window: usize,
     /// `queue.confirm_timeout_ms`: the longest a connection attempt, or a connection on
     /// which publishes wait without a confirm, may go unanswered.
     timeout: Duration,
-    /// `queue.heartbeat_seconds`, unless the URL has its own.
-    heartbeat: u16,
 }
 
 impl Keeper {
@@ -270,9 +270,7 @@ impl Keeper {
     /// Connects, declares the topology and opens the channels, or says why it could not
     /// within the timeout.
     async fn connect(&self) -> Result<Session, String> {
-        let mut uri: AMQPUri = self.url.parse()?;
-        uri.query.heartbeat.get_or_insert(self.heartbeat);
-        match tokio::time::timeout(self.timeout, self.open(uri)).await {
+        match tokio::time::timeout(self.timeout, self.open(self.uri.clone())).await {
             Ok(Ok(session)) => Ok(session),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(

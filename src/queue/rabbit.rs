@@ -76,13 +76,14 @@ impl Rabbit {
             dead: format!("{prefix}.dead"),
             delays,
         };
+        let uri = config.amqp_uri().expect("queue.url is checked at start-up");
         let (broker, deliveries) = Broker::start(
             &config.url,
+            uri,
             topology.clone(),
             config.workers as u16,
             config.confirm_window,
             std::time::Duration::from_millis(config.confirm_timeout_ms),
-            config.heartbeat_seconds,
             metrics.queue.broker.clone(),
         )
         .await;

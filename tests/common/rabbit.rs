@@ -122,7 +122,7 @@ impl Drop for TestQueues {
 /// packets (or a frozen broker) would do. After [`StallingProxy::resume`], new
 /// connections go through again; the stalled ones stay stalled.
 pub struct StallingProxy {
-    pub port: u16,
+    port: u16,
     stalled: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -141,7 +141,10 @@ impl StallingProxy {
                 };
                 let mut watch = watch.clone();
                 tokio::spawn(async move {
-                    if !*watch.borrow() {
+                    let stalled = *watch.borrow();
+                    let _broker = if stalled {
+                        None
+                    } else {
                         let mut broker = tokio::net::TcpStream::connect("127.0.0.1:5672")
                             .await
                             .expect("RabbitMQ at 127.0.0.1:5672 is unreachable");
@@ -149,12 +152,10 @@ impl StallingProxy {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => return,
                             _ = watch.wait_for(|stalled| *stalled) => {}
                         }
-                        // Held open, carrying nothing, until the test ends.
-                        std::future::pending::<()>().await;
-                        drop(broker);
-                    }
+                        Some(broker)
+                    };
+                    // Stalled: both sockets held open, carrying nothing, until the test ends.
                     std::future::pending::<()>().await;
-                    drop(client);
                 });
             }
         });

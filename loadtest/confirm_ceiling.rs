@@ -4,8 +4,14 @@
 //! `queue.confirm_window`), for `DURATION` seconds, then deletes its queue.
 //!
 //! `cargo run --release --example confirm_ceiling` (env: AMQP_URL, DURATION=10,
-//! WINDOW=1024, BODY_BYTES=300). Prints `CEILING <confirmed> <per second> <p50 us>
-//! <p99 us>`, the percentiles of the time from a publish to its confirm.
+//! WINDOW=1024, BODY_BYTES=300, MESSAGE=plain). Prints `CEILING <confirmed> <per second>
+//! <p50 us> <p99 us>`, the percentiles of the time from a publish to its confirm.
+//!
+//! `MESSAGE=plain` publishes a body and `delivery_mode` 2, nothing else: the most the
+//! broker and lapin do. `MESSAGE=gateway` publishes what the gateway publishes for a
+//! submit (src/queue/rabbit.rs): `mandatory`, a content type, a message id of a run
+//! name's length, a timestamp and the three `x-dispatch-*` headers, so that the broker's
+//! cost of those is told apart from the gateway's own.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +20,7 @@ use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -31,6 +37,11 @@ async fn main() -> Result<(), lapin::Error> {
     let duration = Duration::from_secs(env("DURATION", 10));
     let window: usize = env("WINDOW", 1024);
     let body = vec![b'x'; env("BODY_BYTES", 300)];
+    let gateway_shaped = match std::env::var("MESSAGE").as_deref() {
+        Ok("gateway") => true,
+        Ok("plain") | Err(_) => false,
+        Ok(other) => panic!("MESSAGE={other}: expected plain or gateway"),
+    };
     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     let queue = format!("dispatch-ceiling-{}", std::process::id());
@@ -51,14 +62,16 @@ async fn main() -> Result<(), lapin::Error> {
     while started.elapsed() < duration {
         while pending.len() < window {
             let sent = Instant::now();
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
+            let (options, properties) = if gateway_shaped {
+                gateway_message(confirmed + pending.len() as u64)
+            } else {
+                (
                     BasicPublishOptions::default(),
-                    &body,
                     BasicProperties::default().with_delivery_mode(2),
                 )
+            };
+            let confirm = channel
+                .basic_publish("".into(), queue.as_str().into(), options, &body, properties)
                 .await?;
             pending.push(async move { (confirm.await, sent.elapsed()) });
         }
@@ -87,4 +100,29 @@ async fn main() -> Result<(), lapin::Error> {
         us(0.99)
     );
     Ok(())
+}
+
+/// The options and properties the gateway publishes a submitted run with.
+fn gateway_message(n: u64) -> (BasicPublishOptions, BasicProperties) {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-dispatch-function".into(),
+        AMQPValue::LongString("fast".into()),
+    );
+    headers.insert("x-dispatch-attempts".into(), AMQPValue::LongLongInt(0));
+    headers.insert(
+        "x-dispatch-submitted-us".into(),
+        AMQPValue::LongLongInt(1_796_000_000_000_000 + n as i64),
+    );
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(format!("01a24ff0-73de-7d66-930e-{n:012x}").into())
+        .with_timestamp(1_796_000_000)
+        .with_headers(headers);
+    (options, properties)
 }

@@ -9,9 +9,12 @@
 //!
 //! `MESSAGE=plain` publishes a body and `delivery_mode` 2, nothing else: the most the
 //! broker and lapin do. `MESSAGE=gateway` publishes what the gateway publishes for a
-//! submit (src/queue/rabbit.rs): `mandatory`, a content type, a message id of a run
-//! name's length, a timestamp and the three `x-dispatch-*` headers, so that the broker's
-//! cost of those is told apart from the gateway's own.
+//! submit (src/queue/rabbit.rs): `mandatory`, a message id of a run name's length and a
+//! timestamp (the function, attempts and submission time are in the gateway's body), so
+//! that the broker's cost of those is told apart from the gateway's own. `MESSAGE=headers`
+//! publishes the earlier layout, which also had a content type and the three
+//! `x-dispatch-*` headers (about 170 bytes of properties, past the 64 where RabbitMQ's
+//! cost steps up: docs/performance.md).
 
 use std::time::{Duration, Instant};
 
@@ -37,10 +40,11 @@ async fn main() -> Result<(), lapin::Error> {
     let duration = Duration::from_secs(env("DURATION", 10));
     let window: usize = env("WINDOW", 1024);
     let body = vec![b'x'; env("BODY_BYTES", 300)];
-    let gateway_shaped = match std::env::var("MESSAGE").as_deref() {
-        Ok("gateway") => true,
-        Ok("plain") | Err(_) => false,
-        Ok(other) => panic!("MESSAGE={other}: expected plain or gateway"),
+    let shape = match std::env::var("MESSAGE").as_deref() {
+        Ok("gateway") => Some(false),
+        Ok("headers") => Some(true),
+        Ok("plain") | Err(_) => None,
+        Ok(other) => panic!("MESSAGE={other}: expected plain, gateway or headers"),
     };
     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
@@ -62,8 +66,8 @@ async fn main() -> Result<(), lapin::Error> {
     while started.elapsed() < duration {
         while pending.len() < window {
             let sent = Instant::now();
-            let (options, properties) = if gateway_shaped {
-                gateway_message(confirmed + pending.len() as u64)
+            let (options, properties) = if let Some(headers) = shape {
+                gateway_message(confirmed + pending.len() as u64, headers)
             } else {
                 (
                     BasicPublishOptions::default(),
@@ -102,27 +106,32 @@ async fn main() -> Result<(), lapin::Error> {
     Ok(())
 }
 
-/// The options and properties the gateway publishes a submitted run with.
-fn gateway_message(n: u64) -> (BasicPublishOptions, BasicProperties) {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-dispatch-function".into(),
-        AMQPValue::LongString("fast".into()),
-    );
-    headers.insert("x-dispatch-attempts".into(), AMQPValue::LongLongInt(0));
-    headers.insert(
-        "x-dispatch-submitted-us".into(),
-        AMQPValue::LongLongInt(1_796_000_000_000_000 + n as i64),
-    );
+/// The options and properties the gateway publishes a submitted run with (`headers`:
+/// those of the earlier layout).
+fn gateway_message(n: u64, headers: bool) -> (BasicPublishOptions, BasicProperties) {
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type("application/json".into())
         .with_message_id(format!("01a24ff0-73de-7d66-930e-{n:012x}").into())
-        .with_timestamp(1_796_000_000)
-        .with_headers(headers);
+        .with_timestamp(1_796_000_000);
+    if !headers {
+        return (options, properties);
+    }
+    let mut table = FieldTable::default();
+    table.insert(
+        "x-dispatch-function".into(),
+        AMQPValue::LongString("fast".into()),
+    );
+    table.insert("x-dispatch-attempts".into(), AMQPValue::LongLongInt(0));
+    table.insert(
+        "x-dispatch-submitted-us".into(),
+        AMQPValue::LongLongInt(1_796_000_000_000_000 + n as i64),
+    );
+    let properties = properties
+        .with_content_type("application/json".into())
+        .with_headers(table);
     (options, properties)
 }

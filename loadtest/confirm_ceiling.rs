@@ -41,9 +41,9 @@ async fn main() -> Result<(), lapin::Error> {
     let window: usize = env("WINDOW", 1024);
     let body = vec![b'x'; env("BODY_BYTES", 300)];
     let shape = match std::env::var("MESSAGE").as_deref() {
-        Ok("gateway") => Some(false),
-        Ok("headers") => Some(true),
-        Ok("plain") | Err(_) => None,
+        Ok("plain") | Err(_) => Shape::Plain,
+        Ok("gateway") => Shape::Gateway,
+        Ok("headers") => Shape::Headers,
         Ok(other) => panic!("MESSAGE={other}: expected plain, gateway or headers"),
     };
     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
@@ -66,14 +66,7 @@ async fn main() -> Result<(), lapin::Error> {
     while started.elapsed() < duration {
         while pending.len() < window {
             let sent = Instant::now();
-            let (options, properties) = if let Some(headers) = shape {
-                gateway_message(confirmed + pending.len() as u64, headers)
-            } else {
-                (
-                    BasicPublishOptions::default(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-            };
+            let (options, properties) = message(shape, confirmed + pending.len() as u64);
             let confirm = channel
                 .basic_publish("".into(), queue.as_str().into(), options, &body, properties)
                 .await?;
@@ -106,18 +99,31 @@ async fn main() -> Result<(), lapin::Error> {
     Ok(())
 }
 
-/// The options and properties the gateway publishes a submitted run with (`headers`:
-/// those of the earlier layout).
-fn gateway_message(n: u64, headers: bool) -> (BasicPublishOptions, BasicProperties) {
+/// What is published (`MESSAGE`).
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// A body and `delivery_mode` 2.
+    Plain,
+    /// What the gateway publishes for a submit.
+    Gateway,
+    /// What it published before its properties were kept within 64 bytes.
+    Headers,
+}
+
+/// The options and properties of the `n`th message.
+fn message(shape: Shape, n: u64) -> (BasicPublishOptions, BasicProperties) {
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    if shape == Shape::Plain {
+        return (BasicPublishOptions::default(), properties);
+    }
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
+    let properties = properties
         .with_message_id(format!("01a24ff0-73de-7d66-930e-{n:012x}").into())
         .with_timestamp(1_796_000_000);
-    if !headers {
+    if shape == Shape::Gateway {
         return (options, properties);
     }
     let mut table = FieldTable::default();

@@ -245,21 +245,26 @@ impl KeptToken {
     ///
     /// - no file: one is made (mode 0600) with this gateway's address and the token;
     /// - a file that points at this gateway (its `host`/`port`, or the CLI's defaults
-    ///   127.0.0.1:8080, reach `listen`): its `token` is set, other keys are kept;
+    ///   127.0.0.1:8080, reach `listen`): its `token` and `scheme` are set, other keys are
+    ///   kept;
     /// - a file that points elsewhere, or is not a JSON object: left alone, as the token
     ///   of another gateway must not be replaced by this one's.
-    pub fn share_with_cli(&self, listen: SocketAddr) {
+    ///
+    /// `tls_cert` is the control listener's certificate when it speaks TLS: the file then
+    /// says `https` and, unless it names certificates to trust already, `cacert` is that
+    /// certificate.
+    pub fn share_with_cli(&self, listen: SocketAddr, tls_cert: Option<&Path>) {
         let Some(cli) = cli_config_path() else {
             tracing::info!(token_file = %self.path.display(), "no HOME: the CLI configuration was not written");
             return;
         };
         let shown = cli.display();
-        match update_cli_config(&cli, &self.token, listen) {
+        match update_cli_config(&cli, &self.token, listen, tls_cert) {
             Ok(CliUpdate::Created) => {
                 tracing::info!(cli_config = %shown, "CLI configuration written with this gateway's address and token")
             }
-            Ok(CliUpdate::TokenSet) => {
-                tracing::info!(cli_config = %shown, "this gateway's token written into the CLI configuration")
+            Ok(CliUpdate::Updated) => {
+                tracing::info!(cli_config = %shown, "this gateway's token and scheme written into the CLI configuration")
             }
             Ok(CliUpdate::Unchanged) => {}
             Ok(CliUpdate::Elsewhere(target)) => tracing::info!(
@@ -300,16 +305,21 @@ fn cli_config_path() -> Option<PathBuf> {
 #[derive(Debug, PartialEq, Eq)]
 enum CliUpdate {
     Created,
-    TokenSet,
+    Updated,
     Unchanged,
     /// The file is for another gateway (or unreadable as a CLI configuration): why.
     Elsewhere(String),
 }
 
-fn update_cli_config(path: &Path, token: &str, listen: SocketAddr) -> std::io::Result<CliUpdate> {
-    let mut doc = match std::fs::read_to_string(path) {
+fn update_cli_config(
+    path: &Path,
+    token: &str,
+    listen: SocketAddr,
+    tls_cert: Option<&Path>,
+) -> std::io::Result<CliUpdate> {
+    let (mut doc, created) = match std::fs::read_to_string(path) {
         Ok(text) => match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(doc)) => doc,
+            Ok(Value::Object(doc)) => (doc, false),
             _ => {
                 return Ok(CliUpdate::Elsewhere(
                     "something that is not a JSON object".into(),
@@ -320,30 +330,48 @@ fn update_cli_config(path: &Path, token: &str, listen: SocketAddr) -> std::io::R
             let mut doc = Map::new();
             doc.insert("host".into(), cli_host(listen.ip()).into());
             doc.insert("port".into(), listen.port().into());
-            doc.insert("token".into(), token.into());
             if let Some(dir) = path.parent() {
                 crate::store::sqlite::create_private_dir(dir)?;
             }
-            write_json(path, &doc)?;
-            return Ok(CliUpdate::Created);
+            (doc, true)
         }
         Err(e) => return Err(e),
     };
     if let Err(target) = points_at(&doc, listen) {
         return Ok(CliUpdate::Elsewhere(target));
     }
-    if doc.get("token").and_then(Value::as_str) == Some(token) {
-        return Ok(CliUpdate::Unchanged);
-    }
+    let before = doc.clone();
     doc.insert("token".into(), token.into());
-    write_json(path, &doc)?;
-    Ok(CliUpdate::TokenSet)
+    let scheme = doc.get("scheme").and_then(Value::as_str).unwrap_or("http");
+    match tls_cert {
+        Some(cert) => {
+            if scheme != "https" {
+                doc.insert("scheme".into(), "https".into());
+            }
+            if !doc.contains_key("cacert") {
+                let cert = std::path::absolute(cert)?;
+                doc.insert("cacert".into(), cert.to_string_lossy().into_owned().into());
+            }
+        }
+        None if scheme != "http" => {
+            doc.insert("scheme".into(), "http".into());
+        }
+        None => {}
+    }
+    if created {
+        write_json(path, &doc)?;
+        Ok(CliUpdate::Created)
+    } else if doc == before {
+        Ok(CliUpdate::Unchanged)
+    } else {
+        write_json(path, &doc)?;
+        Ok(CliUpdate::Updated)
+    }
 }
 
 /// Whether a CLI configuration reaches a gateway listening on `listen`; if not, where it
 /// points.
 fn points_at(doc: &Map<String, Value>, listen: SocketAddr) -> Result<(), String> {
-    let scheme = doc.get("scheme").and_then(Value::as_str).unwrap_or("http");
     let host = doc
         .get("host")
         .and_then(Value::as_str)
@@ -358,11 +386,11 @@ fn points_at(doc: &Map<String, Value>, listen: SocketAddr) -> Result<(), String>
         Ok(host) => host == ip || (ip.is_unspecified() && host.is_loopback()),
         Err(_) => host.eq_ignore_ascii_case("localhost") && any_local,
     };
-    if scheme == "http" && host_matches && port == Some(listen.port()) {
+    if host_matches && port == Some(listen.port()) {
         Ok(())
     } else {
         let port = port.map_or("?".to_string(), |p| p.to_string());
-        Err(format!("{scheme}://{host}:{port}"))
+        Err(format!("{host}:{port}"))
     }
 }
 
@@ -499,7 +527,7 @@ mod tests {
             || -> Value { serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap() };
 
         assert_eq!(
-            update_cli_config(&path, "t1", listen).unwrap(),
+            update_cli_config(&path, "t1", listen, None).unwrap(),
             CliUpdate::Created
         );
         assert_eq!(
@@ -507,15 +535,15 @@ mod tests {
             serde_json::json!({"host": "127.0.0.1", "port": 8080, "token": "t1"})
         );
         assert_eq!(
-            update_cli_config(&path, "t1", listen).unwrap(),
+            update_cli_config(&path, "t1", listen, None).unwrap(),
             CliUpdate::Unchanged
         );
 
         // The CLI's defaults reach this gateway; other keys are kept.
         std::fs::write(&path, r#"{"organization": "acme"}"#).unwrap();
         assert_eq!(
-            update_cli_config(&path, "t2", listen).unwrap(),
-            CliUpdate::TokenSet
+            update_cli_config(&path, "t2", listen, None).unwrap(),
+            CliUpdate::Updated
         );
         assert_eq!(
             read(),
@@ -525,11 +553,10 @@ mod tests {
         for other in [
             r#"{"host": "gw.example", "port": 8080, "token": "theirs"}"#,
             r#"{"host": "127.0.0.1", "port": 9090, "token": "theirs"}"#,
-            r#"{"scheme": "https", "token": "theirs"}"#,
             "not json",
         ] {
             std::fs::write(&path, other).unwrap();
-            let update = update_cli_config(&path, "t3", listen).unwrap();
+            let update = update_cli_config(&path, "t3", listen, None).unwrap();
             assert!(
                 matches!(update, CliUpdate::Elsewhere(_)),
                 "{other}: {update:?}"
@@ -540,11 +567,50 @@ mod tests {
         let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
         std::fs::write(&path, r#"{"host": "localhost", "port": 7000}"#).unwrap();
         assert_eq!(
-            update_cli_config(&path, "t4", any).unwrap(),
-            CliUpdate::TokenSet
+            update_cli_config(&path, "t4", any, None).unwrap(),
+            CliUpdate::Updated
         );
         std::fs::remove_file(&path).unwrap();
-        update_cli_config(&path, "t5", any).unwrap();
+        update_cli_config(&path, "t5", any, None).unwrap();
         assert_eq!(read()["host"], "127.0.0.1");
+    }
+
+    #[test]
+    fn the_cli_configuration_follows_the_control_listeners_scheme() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let cert = dir.path().join("control.crt");
+        let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let read =
+            || -> Value { serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap() };
+
+        update_cli_config(&path, "t1", listen, Some(&cert)).unwrap();
+        assert_eq!(
+            read(),
+            serde_json::json!({"host": "127.0.0.1", "port": 8080, "token": "t1",
+                "scheme": "https", "cacert": cert.to_str().unwrap()})
+        );
+
+        // The same address, now plain: the CLI goes back to http; its cacert stays.
+        assert_eq!(
+            update_cli_config(&path, "t1", listen, None).unwrap(),
+            CliUpdate::Updated
+        );
+        assert_eq!(read()["scheme"], "http");
+
+        // TLS again, with certificates of the user's own to trust: those are kept.
+        std::fs::write(&path, r#"{"cacert": "/etc/ssl/ours.pem"}"#).unwrap();
+        assert_eq!(
+            update_cli_config(&path, "t2", listen, Some(&cert)).unwrap(),
+            CliUpdate::Updated
+        );
+        assert_eq!(
+            read(),
+            serde_json::json!({"token": "t2", "scheme": "https", "cacert": "/etc/ssl/ours.pem"})
+        );
+        assert_eq!(
+            update_cli_config(&path, "t2", listen, Some(&cert)).unwrap(),
+            CliUpdate::Unchanged
+        );
     }
 }

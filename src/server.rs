@@ -133,7 +133,7 @@ impl Server {
             let bound = listener
                 .local_addr()
                 .map_err(|e| StartError(format!("server.listen: {e}")))?;
-            kept.share_with_cli(bound);
+            kept.share_with_cli(bound, control_tls.as_ref().map(|cert| cert.cert_file()));
         }
 
         let (recorder, writer) = Recorder::start(store.clone(), &config.records, metrics.records());

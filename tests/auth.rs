@@ -209,6 +209,96 @@ async fn a_made_token_is_kept_private_reused_after_a_restart_and_given_to_the_cl
     assert!(!gw.log().contains(&token), "the token is not in the log");
 }
 
+/// A self-signed pair for localhost and 127.0.0.1 in `dir`: (certificate file, key file).
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let made =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_https_to_a_control_api_over_tls_trusting_its_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path(), "control");
+    let (other, _) = self_signed(certs.path(), "other");
+    let gw = Gateway::start_with(&[
+        ("DISPATCH_AUTH_TOKEN", ""),
+        ("DISPATCH_SERVER_TLS_CERT", cert.to_str().unwrap()),
+        ("DISPATCH_SERVER_TLS_KEY", key.to_str().unwrap()),
+    ])
+    .await;
+    let token = std::fs::read_to_string(gw.data_dir().join("token")).unwrap();
+
+    // The gateway wrote the CLI's configuration for https, trusting its certificate.
+    let config_path = cli_config(&gw);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    assert_eq!(
+        config,
+        json!({"host": "127.0.0.1", "port": gw.addr.port(), "token": token.trim(),
+            "scheme": "https", "cacert": cert.to_str().unwrap()})
+    );
+    let home = tempfile::tempdir().unwrap();
+    let with_config = [("DISPATCH_CONFIG", config_path.to_str().unwrap())];
+    let (code, out) = dispatch_cli_in(home.path(), &with_config, &["get", "functions"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = dispatch_cli_in(
+        home.path(),
+        &with_config,
+        &["create", "secret", "over-tls", "--value", "k=v"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = dispatch_cli_in(home.path(), &with_config, &["get", "secrets"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("over-tls"), "{out}");
+
+    // Another certificate trusted: the handshake fails, and the message says so.
+    let (code, out) = dispatch_cli_in(
+        home.path(),
+        &with_config,
+        &["get", "functions", "--cacert", other.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    let url = format!("https://127.0.0.1:{}", gw.addr.port());
+    assert!(
+        out.contains(&format!("TLS with the gateway at {url}")) && out.contains("certificate"),
+        "{out}"
+    );
+    // Nothing to trust but the system's, which does not hold this self-signed one.
+    let port = gw.addr.port().to_string();
+    let (code, out) = dispatch_cli_in(
+        home.path(),
+        &[("DISPATCH_TOKEN", token.trim())],
+        &["get", "functions", "--scheme", "https", "--port", &port],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("TLS with the gateway"), "{out}");
+    // A cacert that holds no certificate is named.
+    let (code, out) = dispatch_cli_in(
+        home.path(),
+        &with_config,
+        &["get", "functions", "--cacert", key.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("cacert {}", key.display())), "{out}");
+    // Plain HTTP to the TLS listener gets no answer.
+    let (code, out) = dispatch_cli_in(
+        home.path(),
+        &with_config,
+        &["get", "functions", "--scheme", "http"],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sends_the_token_of_its_flag_variable_or_configuration() {
     let gw = Gateway::start().await;

@@ -520,13 +520,17 @@ async fn a_gateway_that_is_not_there_is_named() {
             "get",
             "functions",
             "--scheme",
-            "https",
+            "gopher",
             "--port",
             &port.to_string(),
         ])
         .await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("not supported yet"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("scheme \"gopher\" is not one this client speaks"),
+        "{out:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

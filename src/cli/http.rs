@@ -1,12 +1,14 @@
 //! The client side of the Dispatch API: where the gateway is (`~/.dispatch/config.json`,
-//! overridden by flags), one HTTP/1.1 request per call over hyper's connection API, and
-//! the errors a user sees (`[Code: 404] ...`, or which address could not be reached).
+//! overridden by flags), one HTTP/1.1 request per call over hyper's connection API (over
+//! rustls for `https`), and the errors a user sees (`[Code: 404] ...`, or which address
+//! could not be reached).
 //!
 //! A CLI makes a handful of calls and exits, so there is no pool: each call opens a
 //! connection, sends the request and reads the whole answer. The verbs stay synchronous;
 //! [`Client`] blocks on a current-thread runtime of its own.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,8 +16,11 @@ use clap::Args;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio_rustls::TlsConnector;
 
 use crate::error::error_chain;
 
@@ -64,9 +69,13 @@ pub struct ConnArgs {
     /// Gateway port [default: 8080].
     #[arg(long, global = true)]
     pub port: Option<u16>,
-    /// http (https is not supported yet by this client) [default: http].
+    /// http or https [default: http].
     #[arg(long, global = true)]
     pub scheme: Option<String>,
+    /// For https: a PEM file of the certificates to trust, instead of the system's
+    /// [default: the configuration's "cacert"].
+    #[arg(long, env = "DISPATCH_CACERT", global = true)]
+    pub cacert: Option<PathBuf>,
     /// Sent as X-Dispatch-Org [default: dispatch].
     #[arg(long, global = true)]
     pub organization: Option<String>,
@@ -87,7 +96,10 @@ pub struct FileConfig {
     pub scheme: Option<String>,
     pub organization: Option<String>,
     pub token: Option<String>,
-    /// Skip TLS verification: read for compatibility; meaningless until https is supported.
+    /// For https: the certificates to trust (PEM), as with `--cacert`.
+    pub cacert: Option<PathBuf>,
+    /// Dispatch's "skip certificate checks". Not done: with https it stops with a message
+    /// saying to trust the gateway's certificate with `cacert` instead.
     pub insecure: Option<bool>,
 }
 
@@ -99,6 +111,10 @@ pub struct Settings {
     pub port: u16,
     pub organization: String,
     pub token: Option<String>,
+    /// The certificates an https gateway is checked against; `None`: the system's.
+    pub cacert: Option<PathBuf>,
+    /// The configuration asked for no certificate checks (refused for https).
+    pub insecure: bool,
 }
 
 impl Settings {
@@ -121,6 +137,12 @@ impl Settings {
                 .or(file.organization)
                 .unwrap_or_else(|| "dispatch".into()),
             token: flags.token.clone().or(file.token).filter(|t| !t.is_empty()),
+            cacert: flags
+                .cacert
+                .clone()
+                .or(file.cacert)
+                .filter(|p| !p.as_os_str().is_empty()),
+            insecure: file.insecure.unwrap_or(false),
         }
     }
 
@@ -213,23 +235,31 @@ impl Reply {
 /// The gateway, as this invocation of the CLI reaches it.
 pub struct Client {
     pub settings: Settings,
+    /// For https: the trust the gateway's certificate is checked against.
+    tls: Option<TlsConnector>,
     runtime: tokio::runtime::Runtime,
 }
 
 impl Client {
     pub fn new(settings: Settings) -> Result<Client, CliError> {
-        if settings.scheme != "http" {
-            return Err(CliError::Usage(format!(
-                "scheme \"{}\" is not supported yet by this client: only http (put the \
-                 gateway behind plain http on a trusted network, or use curl for https)",
-                settings.scheme
-            )));
-        }
+        let tls = match settings.scheme.as_str() {
+            "http" => None,
+            "https" => Some(tls_connector(&settings)?),
+            other => {
+                return Err(CliError::Usage(format!(
+                    "scheme \"{other}\" is not one this client speaks: http or https"
+                )));
+            }
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| CliError::Other(format!("cannot start the runtime: {e}")))?;
-        Ok(Client { settings, runtime })
+        Ok(Client {
+            settings,
+            tls,
+            runtime,
+        })
     }
 
     /// Sends a request and returns the answer whatever its status.
@@ -313,9 +343,45 @@ impl Client {
                 )));
             }
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        match &self.tls {
+            None => self.over(stream, req).await,
+            Some(connector) => {
+                let name = ServerName::try_from(s.host.clone()).map_err(|_| {
+                    CliError::Usage(format!("host \"{}\": not a name TLS can check", s.host))
+                })?;
+                let handshake = connector.connect(name, stream);
+                let tls = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        return Err(CliError::Other(format!(
+                            "TLS with the gateway at {}: {e} (is its certificate trusted? \
+                             --cacert FILE or \"cacert\" in the configuration)",
+                            s.base_url()
+                        )));
+                    }
+                    Err(_) => {
+                        return Err(unreachable(format!(
+                            "no TLS handshake within {}s",
+                            CONNECT_TIMEOUT.as_secs()
+                        )));
+                    }
+                };
+                self.over(tls, req).await
+            }
+        }
+    }
+
+    /// One request over a connection made (plain or TLS).
+    async fn over<IO>(&self, io: IO, req: Request<Full<Bytes>>) -> Result<Reply, CliError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .map_err(|e| CliError::Connect {
+                url: self.settings.base_url(),
+                cause: error_chain(&e),
+            })?;
         tokio::spawn(conn);
         let what = format!("{} {}", req.method(), req.uri());
         let resp = sender
@@ -336,6 +402,52 @@ impl Client {
             body,
         })
     }
+}
+
+/// The trust for an https gateway: the certificates of `cacert`, else the system's.
+fn tls_connector(settings: &Settings) -> Result<TlsConnector, CliError> {
+    if settings.insecure {
+        return Err(CliError::Usage(
+            "\"insecure\" (no certificate checks) is not supported: trust the gateway's \
+             certificate with --cacert FILE or \"cacert\" in the configuration"
+                .into(),
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &settings.cacert {
+        Some(path) => {
+            let named =
+                |what: String| CliError::Usage(format!("cacert {}: {what}", path.display()));
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| named(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| named(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(named("no certificate in it (PEM expected)".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| named(e.to_string()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(CliError::Usage(
+                    "https: no trusted certificate found on this system; give the gateway's \
+                     with --cacert FILE"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CliError::Other(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 #[cfg(test)]

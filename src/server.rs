@@ -380,12 +380,24 @@ impl Server {
             }
             graceful.shutdown().await;
         };
+        let drain_until = tokio::time::Instant::now() + drain;
         tokio::select! {
             () = drained => tracing::info!("drained"),
-            () = tokio::time::sleep(drain) => tracing::warn!("drain period over; cutting the calls still in flight"),
+            () = tokio::time::sleep_until(drain_until) => tracing::warn!("drain period over; cutting the calls still in flight"),
         }
-        // Async runs still running here go back to the queue now, for another gateway (or
-        // this one's next start) to take at once, rather than after their hold.
+        // The async runs running here get what is left of the drain period to end (the
+        // workers took no new ones since `accepting` was cleared).
+        if !app.queue_running.is_empty() {
+            tracing::info!(
+                running = app.queue_running.len(),
+                "shutting down: waiting for the async runs still running"
+            );
+            while !app.queue_running.is_empty() && tokio::time::Instant::now() < drain_until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Those still running go back to the queue now, for another gateway (or this
+        // one's next start) to take at once, rather than after their hold.
         crate::queue::release(&app).await;
         writer.flush_and_stop().await;
         tracing::info!("run records flushed");

@@ -314,6 +314,75 @@ async fn a_run_cut_by_a_shutdown_is_delivered_again_to_the_next_start() {
     assert_eq!(run["output"], "gated");
 }
 
+/// SIGTERM: the stopping gateway cancels its consumer, so runs published after it wait in
+/// the queue for the next consumer although it has free slots; the runs it holds finish
+/// during the drain (acked, READY), each reaching its function once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_takes_no_new_runs_and_finishes_the_ones_it_holds() {
+    let queues = TestQueues::new().await;
+    let gate = common::Gate::default();
+    let up = Upstream::start(Behavior::Gated(gate.clone())).await;
+    let mut gw = gateway(
+        &queues,
+        &[
+            ("DISPATCH_QUEUE_WORKERS", "4"),
+            ("DISPATCH_SERVER_SHUTDOWN_DELAY_SECONDS", "2"),
+            ("DISPATCH_SERVER_DRAIN_SECONDS", "60"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .await;
+    gw.register(&function("gated", &[up.addr], json!({"timeout": 60000})))
+        .await;
+    let held = [
+        submit(&gw, "gated", json!({})).await,
+        submit(&gw, "gated", json!({})).await,
+    ];
+    common::eventually(
+        Duration::from_secs(10),
+        "both runs to reach their function",
+        || up.stats.inflight() == 2,
+    )
+    .await;
+
+    gw.terminate();
+    common::eventually(Duration::from_secs(10), "the consumer's cancel", || {
+        gw.log().contains("consumer cancelled")
+    })
+    .await;
+    // Still accepting during the delay; two of its four slots are free, yet nothing new
+    // is delivered to it.
+    let later = [
+        submit(&gw, "gated", json!({})).await,
+        submit(&gw, "gated", json!({})).await,
+    ];
+    common::eventually(
+        Duration::from_secs(30),
+        "the drain, waiting for the runs held",
+        || {
+            gw.log()
+                .contains("waiting for the async runs still running")
+        },
+    )
+    .await;
+    assert_eq!(queues.depth("runs").await, 2, "{}", gw.log());
+    assert_eq!(up.stats.requests(), 2);
+
+    // The held runs end during the drain, and the gateway exits cleanly after them.
+    gate.open();
+    let status = gw.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    assert_eq!(up.stats.requests(), 2, "only the held runs ran");
+    assert!(!gw.log().contains("handed back"), "{}", gw.log());
+
+    gw.start_again().await;
+    for name in held.iter().chain(&later) {
+        let run = run_finished(&gw, name, Duration::from_secs(20)).await;
+        assert_eq!(run["status"], "READY", "{run}");
+    }
+    assert_eq!(up.stats.requests(), 4, "a run reached its function twice");
+}
+
 /// `queue.workers = 0`: a replica that accepts runs (each confirmed by the broker) and
 /// runs none, as OpenFaaS' gateway beside its queue-workers; another replica on the same
 /// broker and store runs them.

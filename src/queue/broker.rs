@@ -36,8 +36,8 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
@@ -95,6 +95,10 @@ pub struct Broker {
     /// Set by [`Broker::close`]: the loop closes the connection and ends.
     stop: Notify,
     stopping: AtomicBool,
+    /// Cleared by [`Broker::stop_consuming`] (the gateway stops taking runs): the loop
+    /// cancels the consumer, and a connection made later opens none.
+    consuming: AtomicBool,
+    stop_consuming: Notify,
     metrics: BrokerMetrics,
 }
 
@@ -102,8 +106,9 @@ pub struct Broker {
 struct Session {
     conn: Connection,
     publish: Channel,
-    /// None on a replica with `queue.workers = 0`: it accepts runs and runs none.
-    consumer: Option<Consumer>,
+    /// None on a replica with `queue.workers = 0`: it accepts runs and runs none (and
+    /// once the gateway stops taking runs). With the channel it was opened on, to cancel it.
+    consumer: Option<(Consumer, Channel)>,
     /// For passive declares (queue depth), apart from the publishing channel.
     inspect: Channel,
 }
@@ -129,6 +134,8 @@ impl Broker {
             connected: AtomicBool::new(false),
             stop: Notify::new(),
             stopping: AtomicBool::new(false),
+            consuming: AtomicBool::new(true),
+            stop_consuming: Notify::new(),
             metrics,
         });
         let (first, tried) = oneshot::channel();
@@ -179,6 +186,14 @@ impl Broker {
                 "the connection was lost before the broker confirmed",
             )),
         }
+    }
+
+    /// Stops taking deliveries (shutdown begins): the consumer is cancelled, so the broker
+    /// sends this gateway no more runs; the ones it sent before the cancel still reach the
+    /// deliveries' receiver, to be handed back. Publishing goes on.
+    pub fn stop_consuming(&self) {
+        self.consuming.store(false, Ordering::Release);
+        self.stop_consuming.notify_one();
     }
 
     /// Closes the connection for good (shutdown): the broker delivers the messages of
@@ -321,7 +336,7 @@ impl Keeper {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         // A prefetch of 0 would mean no bound at all to AMQP: no workers, no consumer.
-        let consumer = if self.prefetch == 0 {
+        let consumer = if self.prefetch == 0 || !self.broker.consuming.load(Ordering::Acquire) {
             None
         } else {
             let consume = conn.create_channel().await?;
@@ -337,7 +352,7 @@ impl Keeper {
                     FieldTable::default(),
                 )
                 .await?;
-            Some(consumer)
+            Some((consumer, consume))
         };
         Ok(Session {
             conn,
@@ -357,7 +372,10 @@ impl Keeper {
     ) -> String {
         let metrics = &self.broker.metrics;
         let mut events = session.conn.events_listener().boxed();
-        let mut consumer = session.consumer.clone();
+        let mut consumer = session.consumer.as_ref().map(|(c, _)| c.clone());
+        // Set once the gateway asked for no more deliveries and the cancel was sent: the
+        // consumer's end is then expected, not a reason to reconnect.
+        let mut cancelled = false;
         let publisher = Arc::new(session.publish.clone());
         let mut pending: FuturesUnordered<BoxFuture<'static, Answer>> = FuturesUnordered::new();
         // Polled beside the rest, so that asking for depths never holds up a confirm.
@@ -378,7 +396,20 @@ impl Keeper {
                 delivery = async { consumer.as_mut()?.next().await }, if consumer.is_some() => match delivery {
                     Some(Ok(delivery)) => { let _ = deliveries.send(delivery); }
                     Some(Err(e)) => return format!("consumer: {e}"),
+                    None if cancelled => consumer = None,
                     None => return "the broker cancelled the consumer".into(),
+                },
+                () = self.broker.stop_consuming.notified(), if consumer.is_some() && !cancelled => {
+                    cancelled = true;
+                    let (held, channel) = session.consumer.as_ref().expect("a consumer is open");
+                    let (channel, tag) = (channel.clone(), held.tag());
+                    // Not awaited here: confirms keep flowing while the broker answers.
+                    tokio::spawn(async move {
+                        match channel.basic_cancel(tag, BasicCancelOptions::default()).await {
+                            Ok(()) => tracing::info!("queue: consumer cancelled; this gateway takes no more runs"),
+                            Err(e) => tracing::warn!(error = %e, "queue: cancelling the consumer failed; what it is sent is handed back"),
+                        }
+                    });
                 },
                 Some(answer) = pending.next(), if !pending.is_empty() => {
                     answered = tokio::time::Instant::now();

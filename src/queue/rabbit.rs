@@ -190,14 +190,26 @@ impl Rabbit {
     }
 
     /// The workers: each delivery runs in a task of its own; the prefetch bounds how many
-    /// at once. Deliveries stop being taken when the gateway stops accepting.
+    /// at once. When the gateway stops accepting, the consumer is cancelled (the broker
+    /// sends no more) and what was delivered and not yet started is handed back at once
+    /// (nack, requeue) for another consumer; the runs already running go on (the drain).
     pub async fn work(self: Arc<Self>, app: Arc<App>) {
         let Some(mut deliveries) = self.deliveries.lock().await.take() else {
             return;
         };
-        while let Some(delivery) = deliveries.recv().await {
-            if !app.accepting.load(std::sync::atomic::Ordering::Acquire) {
-                return;
+        let accepting = || app.accepting.load(std::sync::atomic::Ordering::Acquire);
+        while accepting() {
+            let delivery = tokio::select! {
+                delivery = deliveries.recv() => match delivery {
+                    Some(delivery) => delivery,
+                    None => return,
+                },
+                // Woken at shutdown, so the cancel need not wait for a delivery.
+                () = app.queue_wake.notified() => continue,
+            };
+            if !accepting() {
+                hand_back(&delivery).await;
+                break;
             }
             // From a channel lost since: the broker delivers it again on the new one.
             if !delivery.acker.usable() {
@@ -210,6 +222,11 @@ impl Rabbit {
                 rabbit.run_delivery(&app, delivery).await;
                 in_flight.dec();
             });
+        }
+        self.broker.stop_consuming();
+        // Sent before the broker saw the cancel: not started here, so given back now.
+        while let Some(delivery) = deliveries.recv().await {
+            hand_back(&delivery).await;
         }
     }
 
@@ -439,6 +456,17 @@ async fn ack(delivery: &Delivery) {
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
         // The channel is gone: the broker delivers it again, and its final record stops it.
         tracing::warn!(error = %e, "queue: ack failed; the message will be delivered again");
+    }
+}
+
+/// A delivery this stopping gateway will not start: back to the queue, for the others.
+async fn hand_back(delivery: &Delivery) {
+    if delivery.acker.usable() {
+        nack(delivery, true).await;
+        tracing::info!(
+            message = ?delivery.properties.message_id(),
+            "queue: run handed back at shutdown, not started here"
+        );
     }
 }
 

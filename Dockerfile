@@ -37,11 +37,14 @@ RUN apt-get update \
     && install -d -m 0700 -o 65532 -g 65532 /var/lib/dispatch
 COPY --from=build /out/dispatch /usr/local/bin/dispatch
 ENV DISPATCH_LISTEN=0.0.0.0:8080 \
+    DISPATCH_API_HTTP=0.0.0.0:8081 \
+    DISPATCH_API_HTTPS=0.0.0.0:8443 \
     DISPATCH_DATA_DIR=/var/lib/dispatch
 USER 65532:65532
 WORKDIR /var/lib/dispatch
 # 8080: control API, OpenFaaS surface, /healthz, /readyz, /metrics. 8081 and 8443: API
-# endpoints over HTTP and HTTPS (addresses given with --api-http and --api-https).
+# endpoints over HTTP and HTTPS (on all addresses, as the ports are exposed; the flags
+# --api-http and --api-https, which the chart passes, override the variables).
 EXPOSE 8080 8081 8443
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/dispatch", "serve"]
 
@@ -51,6 +54,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot AS gateway
 COPY --from=build /out/dispatch /usr/local/bin/dispatch
 COPY --from=build --chown=65532:65532 /out/data/ /var/lib/dispatch/
 ENV DISPATCH_LISTEN=0.0.0.0:8080 \
+    DISPATCH_API_HTTP=0.0.0.0:8081 \
+    DISPATCH_API_HTTPS=0.0.0.0:8443 \
     DISPATCH_DATA_DIR=/var/lib/dispatch
 USER 65532:65532
 WORKDIR /var/lib/dispatch

@@ -92,6 +92,7 @@ cases=(
     "production ci/production-values.yaml 1.34.0"
     "production-k125 ci/production-values.yaml 1.25.0"
     "single ci/single-values.yaml 1.34.0"
+    "control-tls ci/control-tls-values.yaml 1.34.0"
 )
 for entry in "${cases[@]}"; do
     read -r name values kube <<<"$entry"
@@ -140,6 +141,8 @@ refuse "must exceed shutdown.preStopSleepSeconds + delaySeconds + drainSeconds (
     --set shutdown.terminationGracePeriodSeconds=40
 refuse "config.store.url is set by the chart: use postgresql.url or postgresql.existingSecret" \
     --set config.store.url=postgres://gw@db/gw
+refuse "config.server.tls_cert is set by the chart: use service.tls.secretName (its tls.crt)" \
+    --set config.server.tls_cert=/etc/ssl/gw.crt
 refuse "set exactly one of openfaas.gateway and openfaas.service" \
     --set 'openfaas.service=http://{name}.openfaas-fn:8080'
 refuse "openfaas.discovery must be" --set openfaas.discovery=yes

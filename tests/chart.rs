@@ -68,7 +68,7 @@ fn chart_renders_validates_and_configures_a_gateway() {
             cases += 1;
         }
     }
-    assert_eq!(cases, 5, "a launch.json per rendered case:\n{log}");
+    assert_eq!(cases, 6, "a launch.json per rendered case:\n{log}");
 }
 
 /// Loads one case's pod configuration with the gateway's own code, and checks what the
@@ -188,6 +188,20 @@ fn check_launch(case: &str, launch: &Value) {
             config.api.tls_key,
             Path::new("/etc/dispatch/api-tls/tls.key")
         );
+    }
+
+    if case == "control-tls" {
+        assert_eq!(
+            config.server.tls_cert,
+            Path::new("/etc/dispatch/control-tls/tls.crt"),
+            "{case}: the control listener's certificate from its Secret"
+        );
+        assert_eq!(
+            config.server.tls_key,
+            Path::new("/etc/dispatch/control-tls/tls.key")
+        );
+    } else {
+        assert!(config.server.tls_cert.as_os_str().is_empty(), "{case}");
     }
 
     // The control API token: read from the mounted Secret, as the pod reads it.

@@ -121,11 +121,6 @@ def check(out, kube, existing):
     if listen != f"0.0.0.0:{ports.get('http')}":
         fail(f"{name}: --listen={listen} is not all addresses on the http port {ports.get('http')}")
 
-    # Probes on the gateway's own paths and port.
-    for probe, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
-        got = container.get(probe, {}).get("httpGet", {})
-        if got.get("path") != path or got.get("port") != "http":
-            fail(f"{name}: {probe} must GET {path} on port http, not {got}")
 
     # Volumes: every mount backed by a volume; the data dir and /tmp writable.
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -185,7 +180,8 @@ def check(out, kube, existing):
             section = line.strip("[]")
         elif section == "server" and "=" in line:
             key, _, value = line.partition("=")
-            server[key.strip()] = int(value)
+            value = value.strip()
+            server[key.strip()] = value.strip('"') if value.startswith('"') else int(value)
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     sleep_action = tuple(int(x) for x in kube.split(".")[:2]) >= (1, 30)
     if sleep_action != bool(pre_stop):
@@ -195,6 +191,22 @@ def check(out, kube, existing):
     if server["shutdown_delay_seconds"] < 1 or grace <= need:
         fail(f"{name}: terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} + delay "
              f"{server['shutdown_delay_seconds']} + drain {server['drain_seconds']}, with a delay of 1 s or more")
+
+    # Probes on the gateway's own paths and port, in the scheme its control listener speaks
+    # (HTTPS when server.tls_cert is set, a file mounted in the pod).
+    tls_cert = server.get("tls_cert", "")
+    scheme = "HTTPS" if tls_cert else "HTTP"
+    if tls_cert and tls_cert.rpartition("/")[0] not in mounts:
+        fail(f"{name}: server.tls_cert={tls_cert} is not in a mounted volume")
+    for probe, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
+        got = container.get(probe, {}).get("httpGet", {})
+        if got.get("path") != path or got.get("port") != "http" or got.get("scheme") != scheme:
+            fail(f"{name}: {probe} must GET {path} on port http over {scheme}, not {got}")
+    monitors = [d for d in docs if d.get("kind") == "ServiceMonitor"]
+    for monitor in monitors:
+        for endpoint in monitor["spec"]["endpoints"]:
+            if endpoint.get("scheme", "http") != scheme.lower():
+                fail(f"{name}: the ServiceMonitor scrapes {endpoint.get('scheme', 'http')}, the listener speaks {scheme}")
 
     # Service: selects the pods, and every port goes to a named container port.
     service = one(docs, "Service")

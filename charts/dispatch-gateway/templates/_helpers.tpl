@@ -145,6 +145,10 @@ file); connection URLs and tokens come from Secrets through the environment.
 server:
   drain_seconds: {{ int .Values.shutdown.drainSeconds }}
   shutdown_delay_seconds: {{ include "dispatch-gateway.shutdownDelaySeconds" . }}
+  {{- with .Values.service.tls.secretName }}
+  tls_cert: {{ printf "%s/tls.crt" $.Values.service.tls.mountPath | quote }}
+  tls_key: {{ printf "%s/tls.key" $.Values.service.tls.mountPath | quote }}
+  {{- end }}
 queue:
   backend: {{ .Values.queue.backend | quote }}
 openfaas:
@@ -165,6 +169,8 @@ server.data_dir: "the --data-dir flag the chart passes (the data volume)"
 server.log_format: "logFormat"
 server.drain_seconds: "shutdown.drainSeconds"
 server.shutdown_delay_seconds: "shutdown.delaySeconds (and shutdown.preStopSleepSeconds)"
+server.tls_cert: "service.tls.secretName (its tls.crt)"
+server.tls_key: "service.tls.secretName (its tls.key)"
 store.url: "postgresql.url or postgresql.existingSecret"
 queue.backend: "queue.backend"
 queue.url: "rabbitmq.url or rabbitmq.existingSecret"

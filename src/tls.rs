@@ -4,6 +4,9 @@
 //! the new pair in: handshakes after it get the new one, connections already open go on
 //! with theirs. With no files configured, the API listener uses a self-signed pair for
 //! localhost that [`self_signed`] makes in the data dir on the first start.
+//!
+//! The client side, for the gateway's own outgoing TLS (the Kubernetes API, https
+//! callbacks) and for the CLI: [`connector`], trusting a PEM file or the system's store.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -16,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// A certificate chain and key from PEM files, reloadable.
 pub struct Certificate {
@@ -79,22 +82,61 @@ impl ResolvesServerCert for Certificate {
     }
 }
 
-fn read_pair(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .map_err(|e| {
-            format!(
-                "{}: cannot read a PEM certificate: {e}",
-                cert_file.display()
-            )
-        })?
+/// The certificates of a PEM file, at least one; the error names the file.
+fn read_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("{}: cannot read a PEM certificate: {e}", file.display()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert_file.display()))?;
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", file.display()))?;
     if certs.is_empty() {
         return Err(format!(
             "{}: holds no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",
-            cert_file.display()
+            file.display()
         ));
     }
+    Ok(certs)
+}
+
+/// What a TLS client checks a server's certificate against.
+pub enum Trust<'a> {
+    /// The certificates of this PEM file alone (a CA, or a self-signed certificate).
+    File(&'a Path),
+    /// The system's store (rustls-native-certs: `SSL_CERT_FILE` / `SSL_CERT_DIR` if set).
+    System,
+}
+
+/// A TLS client (TLS 1.2 and 1.3) trusting `trust`; the error names the file, or says the
+/// system has no certificate to trust.
+pub fn connector(trust: Trust<'_>) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match trust {
+        Trust::File(file) => {
+            for cert in read_certs(file)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+            }
+        }
+        Trust::System => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if roots.is_empty() {
+                return Err(
+                    "no trusted certificate found on this system (SSL_CERT_FILE, SSL_CERT_DIR)"
+                        .into(),
+                );
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+fn read_pair(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, String> {
+    let certs = read_certs(cert_file)?;
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key_file.display()))?;
     let signing = provider()

@@ -772,3 +772,80 @@ async fn two_gateways_on_postgres_share_apis() {
     }
     assert_eq!(status, 404, "A no longer serves the API deleted on B");
 }
+
+/// `X-Callback-Url: https://...`: the callback goes over TLS, checked against the trust
+/// store (here `SSL_CERT_FILE`: another gateway's self-signed certificate), to that
+/// gateway's API endpoint, which runs a function with the answer as its input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_runs_callback_can_go_to_an_https_api_endpoint() {
+    let sink_up = Upstream::start(Behavior::Envelope).await;
+    let sink = Gateway::start().await;
+    with_function(&sink, &sink_up).await;
+    let made = sink
+        .post_json(
+            "/v1/api",
+            &json!({"name": "cb", "function": "hello", "methods": ["POST"], "uris": ["/cb"],
+                "protocols": ["https"]}),
+        )
+        .await;
+    assert_eq!(made.status, 200, "{}", made.text());
+
+    let trust = self_signed_ca(&sink);
+    let up = Upstream::start(Behavior::Envelope).await;
+    let gw = Gateway::start_with(&[("SSL_CERT_FILE", trust.to_str().unwrap())]).await;
+    with_function(&gw, &up).await;
+    let url = format!("https://localhost:{}/cb?from=gw", sink.api_https.port());
+    let reply = call(
+        gw.addr,
+        Method::POST,
+        "/async-function/hello",
+        &[("x-callback-url", &url)],
+        r#"{"name": "Arya"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.header("x-call-id").unwrap().to_string();
+    eventually(
+        Duration::from_secs(20),
+        "the callback's run on the sink",
+        || sink_up.stats.requests() == 1,
+    )
+    .await;
+    let sent: Value = serde_json::from_str(sink_up.stats.last()["body"].as_str().unwrap()).unwrap();
+    // The function's answer, as the sink's input.
+    assert_eq!(sent["payload"]["greeting"], "Hello, Arya", "{sent}");
+    let context = &sent["context"]["httpContext"];
+    assert_eq!(context["api"], "cb", "{context}");
+    assert_eq!(context["query"], "from=gw", "{context}");
+    assert_eq!(context["headers"]["x-call-id"], id.as_str(), "{context}");
+    assert_eq!(context["headers"]["x-function-name"], "hello", "{context}");
+    let run = run_finished(&gw, &id, Duration::from_secs(10)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    assert!(!run["reason"].to_string().contains("callback"), "{run}");
+
+    // A certificate nobody trusts: the callback fails, and the run says why.
+    let untrusting = Gateway::start_with(&[("DISPATCH_QUEUE_CALLBACK_ATTEMPTS", "1")]).await;
+    with_function(&untrusting, &up).await;
+    let reply = call(
+        untrusting.addr,
+        Method::POST,
+        "/async-function/hello",
+        &[("x-callback-url", &url)],
+        "{}",
+    )
+    .await;
+    let id = reply.header("x-call-id").unwrap().to_string();
+    let mut reason = String::new();
+    for _ in 0..200 {
+        reason = untrusting.get(&format!("/v1/runs/{id}")).await.json()["reason"].to_string();
+        if reason.contains("callback") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reason.contains("TLS") && reason.contains("certificate"),
+        "{reason}"
+    );
+    assert_eq!(sink_up.stats.requests(), 1);
+}

@@ -8,7 +8,6 @@
 //! [`Client`] blocks on a current-thread runtime of its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,8 +15,7 @@ use clap::Args;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio_rustls::TlsConnector;
@@ -413,41 +411,15 @@ fn tls_connector(settings: &Settings) -> Result<TlsConnector, CliError> {
                 .into(),
         ));
     }
-    let mut roots = rustls::RootCertStore::empty();
     match &settings.cacert {
-        Some(path) => {
-            let named =
-                |what: String| CliError::Usage(format!("cacert {}: {what}", path.display()));
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| named(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| named(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(named("no certificate in it (PEM expected)".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| named(e.to_string()))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(CliError::Usage(
-                    "https: no trusted certificate found on this system; give the gateway's \
-                     with --cacert FILE"
-                        .into(),
-                ));
-            }
-        }
+        Some(path) => crate::tls::connector(crate::tls::Trust::File(path))
+            .map_err(|e| CliError::Usage(format!("cacert {e}"))),
+        None => crate::tls::connector(crate::tls::Trust::System).map_err(|e| {
+            CliError::Usage(format!(
+                "https: {e}; give the gateway's certificate with --cacert FILE"
+            ))
+        }),
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| CliError::Other(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 #[cfg(test)]

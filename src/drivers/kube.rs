@@ -5,7 +5,6 @@
 //! would bring its own HTTP stack, TLS and a large dependency tree.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +13,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -168,22 +166,8 @@ pub async fn error_text(resp: Response<Incoming>) -> String {
 
 /// TLS that trusts the cluster CA alone.
 fn tls_connector(config: &OpenfaasConfig) -> Result<TlsConnector, String> {
-    let ca = &config.kube_ca_file;
-    let bad = |e: &dyn std::fmt::Display| format!("openfaas.kube_ca_file: {}: {e}", ca.display());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
-        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(bad(&"holds no certificate"));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    crate::tls::connector(crate::tls::Trust::File(&config.kube_ca_file))
+        .map_err(|e| format!("openfaas.kube_ca_file: {e}"))
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //! caller gave, with `X-Call-Id`, `X-Function-Status`, `X-Function-Name` and
 //! `X-Duration-Seconds`. A callback that fails (no connection, no answer in time, a status
 //! of 500 or more) is tried again with backoff; its failure is written on the run.
+//! `https://` URLs are checked against the system's trust store (rustls-native-certs, so
+//! `SSL_CERT_FILE` / `SSL_CERT_DIR` can point elsewhere), loaded once.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +14,7 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::model::Run;
 
@@ -35,10 +39,10 @@ pub fn parse(url: &str) -> Result<Callback, String> {
         .parse()
         .map_err(|e| format!("X-Callback-Url: \"{url}\" is not a URL ({e})"))?;
     match uri.scheme_str() {
-        Some("http") => {}
+        Some("http" | "https") => {}
         _ => {
             return Err(format!(
-                "X-Callback-Url: \"{url}\" must be an http:// URL (https callbacks are not supported yet)"
+                "X-Callback-Url: \"{url}\" must be an http:// or https:// URL"
             ));
         }
     }
@@ -83,15 +87,18 @@ fn body_of(run: &Run) -> Bytes {
 
 async fn post(callback: &Callback, run: &Run) -> Result<u16, String> {
     let uri: Uri = callback.url.parse().map_err(|e| format!("{e}"))?;
-    let host = uri.host().unwrap_or_default();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host, port))
+    let secure = uri.scheme_str() == Some("https");
+    // An IPv6 literal comes in brackets, which neither connect nor TLS names take.
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let stream = TcpStream::connect((host.as_str(), port))
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
     let call = run.call.clone().unwrap_or_default();
     let status = if run.error.is_some() && call.http_status < 400 {
         500
@@ -103,10 +110,15 @@ async fn post(callback: &Callback, run: &Run) -> Result<u16, String> {
         .map(|a| a.as_str().to_string())
         .unwrap_or_default();
     let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let content_type = match (&run.error, &run.output) {
+        (None, serde_json::Value::String(_)) => "text/plain; charset=utf-8",
+        _ => "application/json",
+    };
     let req = Request::builder()
         .method(Method::POST)
         .uri(target)
         .header(http::header::HOST, authority)
+        .header(http::header::CONTENT_TYPE, content_type)
         .header("x-call-id", run.name.as_str())
         .header("x-function-status", status.to_string())
         .header("x-function-name", run.function_name.as_str())
@@ -117,6 +129,36 @@ async fn post(callback: &Callback, run: &Run) -> Result<u16, String> {
         )
         .body(Full::new(body_of(run)))
         .map_err(|e| format!("{e}"))?;
+    if !secure {
+        return send(stream, req).await;
+    }
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|_| format!("\"{host}\" is not a name TLS can check"))?;
+    let tls = connector()?
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    send(tls, req).await
+}
+
+/// One request over a connection made (plain or TLS); the answer's status.
+async fn send<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<u16, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
     let resp = sender.send_request(req).await.map_err(|e| format!("{e}"))?;
     Ok(resp.status().as_u16())
+}
+
+/// The TLS client of https callbacks: the system's trusted certificates, read at the
+/// first https callback (an error then stays, as the store would not change).
+fn connector() -> Result<TlsConnector, String> {
+    static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| crate::tls::connector(crate::tls::Trust::System))
+        .clone()
 }

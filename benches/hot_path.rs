@@ -157,7 +157,7 @@ fn header_work(c: &mut Criterion) {
 fn endpoint_pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("balance");
     let registry = new_registry();
-    let sizes = [1usize, 3, 16];
+    let sizes = [1usize, 3, 8, 16];
     for n in sizes {
         let endpoints: Vec<String> = (0..n)
             .map(|i| format!("http://127.0.0.1:{}", 9100 + i))

@@ -1,5 +1,5 @@
 //! Spreading calls over a function's endpoints: a fair share each, fewer calls to a slow
-//! endpoint (least in flight of two random choices), and an endpoint that refuses
+//! endpoint (least in flight), and an endpoint that refuses
 //! connections set aside for `upstream.eject_seconds`, then used again once it is back.
 
 mod common;

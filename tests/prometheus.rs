@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::{Value, json};
 
-use common::{Behavior, Gateway, Upstream, free_addr, function, request};
+use common::{Behavior, Gateway, Upstream, apt_install, free_addr, function, request};
 
 /// The examples of `docs/metrics.md`, per function.
 const RATE: &str = "sum by (function_name) (rate(gateway_function_invocation_total[5m]))";
@@ -34,23 +34,7 @@ fn ensure_prometheus() {
     if works("prometheus") && works("promtool") {
         return;
     }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(["-o", "DPkg::Lock::Timeout=300"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-    };
-    let install = ["install", "-y", "--no-install-recommends", "prometheus"];
-    let mut out = apt(&install);
-    if !out.as_ref().is_ok_and(|o| o.status.success()) {
-        let _ = apt(&["update"]);
-        out = apt(&install);
-    }
-    let why = match &out {
-        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
-        Err(e) => e.to_string(),
-    };
+    let why = apt_install("prometheus").err().unwrap_or_default();
     assert!(
         works("prometheus") && works("promtool"),
         "this test needs Debian's prometheus package (prometheus and promtool), and \

@@ -33,24 +33,11 @@ fn nginx_binary() -> PathBuf {
     if let Some(found) = find() {
         return found;
     }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "nginx"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-    };
-    let mut out = install();
-    if !out.as_ref().is_ok_and(|o| o.status.success()) {
-        let _ = Command::new("apt-get").arg("update").output();
-        out = install();
-    }
+    let installed = apt_install("nginx");
     find().unwrap_or_else(|| {
         panic!(
             "nginx is not installed and `apt-get install nginx` did not install it: {}",
-            match out {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
-                Err(e) => e.to_string(),
-            }
+            installed.err().unwrap_or_default()
         )
     })
 }

@@ -4,7 +4,7 @@
 //!
 //! 1. **resolve**: the function by name from the registry (404 unknown, 404 not READY);
 //! 2. **admit**: a slot under the function's `maxInflight`, waiting in a bounded queue (429);
-//! 3. **forward**: pick an endpoint (least in flight of two), take a pooled connection,
+//! 3. **forward**: pick an endpoint (least in flight), take a pooled connection,
 //!    send under the deadline; only failures to connect are tried again elsewhere (502, 504);
 //! 4. **respond**: stream the upstream's answer back as is ([`Invoker::proxy`]), or read it
 //!    into a Dispatch [`Run`] ([`Invoker::run`]);

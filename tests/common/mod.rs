@@ -1346,3 +1346,26 @@ pub async fn dispatch_cli_in(home: &Path, env: &[(&str, &str)], args: &[&str]) -
         ),
     )
 }
+
+/// Installs a Debian package with apt-get (waiting up to 5 minutes for another apt's lock,
+/// and running `apt-get update` once if the first try fails); the error is apt's stderr.
+pub fn apt_install(package: &str) -> Result<(), String> {
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+    };
+    let install = ["install", "-y", "--no-install-recommends", package];
+    let mut out = apt(&install);
+    if !out.as_ref().is_ok_and(|o| o.status.success()) {
+        let _ = apt(&["update"]);
+        out = apt(&install);
+    }
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+        Err(e) => Err(format!("running apt-get: {e}")),
+    }
+}

@@ -1,7 +1,8 @@
 //! Real Prometheus: Debian's `prometheus` (installed by the test when missing) scrapes a
 //! gateway every second, and its HTTP API answers the queries `docs/metrics.md` gives for
 //! rate, error ratio and p99 per function; `promtool check metrics` finds nothing to fault
-//! in `/metrics`. Prometheus runs with its own config and storage in a temp dir, on a port
+//! in `/metrics`, of a gateway on the embedded queue and of one on RabbitMQ with an AMQP
+//! event driver (the series only those have). Prometheus runs with its own config and storage in a temp dir, on a port
 //! of its own (never the system service).
 
 mod common;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::{Value, json};
 
+use common::rabbit::{self, TestQueues};
 use common::{Behavior, Gateway, Upstream, apt_install, free_addr, function, request};
 
 /// The examples of `docs/metrics.md`, per function.
@@ -249,4 +251,44 @@ async fn prometheus_scrapes_the_gateway_and_answers_per_function_queries() {
     )
     .await;
     promtool_check(&gw.get("/metrics").await.text());
+}
+
+/// The series only a gateway on RabbitMQ with an AMQP event driver has (the broker's
+/// confirms, connection gauges, event outcomes) are lint-clean too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_finds_nothing_to_fault_on_a_gateway_on_rabbitmq_with_events() {
+    ensure_prometheus();
+    let queues = TestQueues::new().await;
+    let mut env = queues.env();
+    env.push(("DISPATCH_EVENTS_AMQP_URL", rabbit::URL.into()));
+    env.push(("DISPATCH_EVENTS_QUEUE", format!("{}.events", queues.prefix)));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Gateway::start_with(&env).await;
+    let up = Upstream::start(Behavior::Envelope).await;
+    gw.register(&function(
+        "hello",
+        &[up.addr],
+        json!({"upstream": {"protocol": "dispatch"}}),
+    ))
+    .await;
+    let run = common::submit_run(&gw, "hello", json!({"name": "Sansa"})).await;
+    let run =
+        common::run_finished(&gw, run["name"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "READY", "{run}");
+    // The event consumer connects on its own; wait for it (bounded), then look.
+    let text = common::until_seen(
+        "the event consumer connected, in /metrics",
+        || async { gw.get("/metrics").await.text() },
+        |text| text.contains("dispatch_events_amqp_connected 1"),
+    )
+    .await;
+    for series in [
+        "dispatch_queue_confirmed_total 1",
+        "dispatch_queue_connected 1",
+        "dispatch_events_amqp_connected 1",
+        "dispatch_events_amqp_messages_total{outcome=\"accepted\"} 0",
+    ] {
+        assert!(text.contains(series), "no `{series}` in /metrics:\n{text}");
+    }
+    promtool_check(&text);
 }

@@ -515,6 +515,27 @@ async fn a_gateway_that_is_not_there_is_named() {
     );
     assert!(out.stderr.contains("refused"), "{out:?}");
 
+    // `create api --host` names the gateway: the message says which flag is the API's.
+    let out = sh
+        .run(&[
+            "create",
+            "api",
+            "a",
+            "f",
+            "--path",
+            "/a",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("the API's own host name is --domain"),
+        "{out:?}"
+    );
+
     let out = sh
         .run(&[
             "get",

@@ -323,7 +323,22 @@ pub fn create(args: CreateArgs) -> ExitCode {
             let (kind, body) = object_of(what)?;
             let mut creator = Creator::new(client, &args);
             let name = body["name"].as_str().unwrap_or_default().to_string();
-            let created = creator.create(&kind, &name, &body)?;
+            let created = match creator.create(&kind, &name, &body) {
+                // `--host` names the gateway, for `create api` too (as in Dispatch's CLI);
+                // someone who meant the API's host name is told which flag that is.
+                Err(CliError::Connect { url, cause })
+                    if matches!(what, CreateWhat::Api { .. }) && args.conn.host.is_some() =>
+                {
+                    return Err(CliError::Connect {
+                        url,
+                        cause: format!(
+                            "{cause}; --host names the gateway, the API's own host name is \
+                             --domain"
+                        ),
+                    });
+                }
+                other => other?,
+            };
             creator.flush_waits()?;
             if args.out.output == Format::Json {
                 println!("{}", pretty(&created.unwrap_or(Value::Null)));

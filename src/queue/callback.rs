@@ -75,13 +75,16 @@ pub async fn deliver(callback: &Callback, run: &Run, attempts: u32) -> Result<()
     ))
 }
 
-/// The body a callback carries: the function's output as the raw surface would have
-/// answered it (a string as is, anything else as JSON), or its error.
-fn body_of(run: &Run) -> Bytes {
+/// The body a callback carries, and its type: the function's output as the raw surface
+/// would have answered it (a string as is, anything else as JSON), or its error.
+fn body_of(run: &Run) -> (Bytes, &'static str) {
+    const JSON: &str = "application/json";
     match (&run.error, &run.output) {
-        (Some(error), _) => serde_json::to_vec(error).unwrap_or_default().into(),
-        (None, serde_json::Value::String(text)) => Bytes::from(text.clone()),
-        (None, output) => serde_json::to_vec(output).unwrap_or_default().into(),
+        (Some(error), _) => (serde_json::to_vec(error).unwrap_or_default().into(), JSON),
+        (None, serde_json::Value::String(text)) => {
+            (Bytes::from(text.clone()), "text/plain; charset=utf-8")
+        }
+        (None, output) => (serde_json::to_vec(output).unwrap_or_default().into(), JSON),
     }
 }
 
@@ -110,10 +113,7 @@ async fn post(callback: &Callback, run: &Run) -> Result<u16, String> {
         .map(|a| a.as_str().to_string())
         .unwrap_or_default();
     let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let content_type = match (&run.error, &run.output) {
-        (None, serde_json::Value::String(_)) => "text/plain; charset=utf-8",
-        _ => "application/json",
-    };
+    let (body, content_type) = body_of(run);
     let req = Request::builder()
         .method(Method::POST)
         .uri(target)
@@ -127,7 +127,7 @@ async fn post(callback: &Callback, run: &Run) -> Result<u16, String> {
             HeaderValue::from_str(&format!("{:.6}", call.duration_ms / 1e3))
                 .unwrap_or(HeaderValue::from_static("0")),
         )
-        .body(Full::new(body_of(run)))
+        .body(Full::new(body))
         .map_err(|e| format!("{e}"))?;
     if !secure {
         return send(stream, req).await;
